@@ -1,0 +1,293 @@
+"""Knowledge distillation of a causal LM into a smaller student (the loop behind `quantize distill`).
+
+Invariants:
+- The loss per target token is `alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student)`, plus
+  `hidden_weight * MSE` between student hidden states (through learned projections when the hidden sizes
+  differ) and the teacher's at evenly spaced layers; it is trained by the shared loop (`train.loop`).
+- The reported held-out loss is the student's plain next-token cross-entropy on held-out text, so it is
+  comparable with the teacher's and with the hard-label baseline (same initial student, data, order, steps).
+- `output_dir` receives a plain Hugging Face model folder (config, safetensors, tokenizer) plus the run's
+  JSON log and loss-curve PNG; the caller adds the manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from core.errors import ConfigError
+from core.models import load_causal_lm, load_tokenizer, read_config
+from core.textdata import BUILTIN_CORPUS, load_texts
+from train.config import LoopConfig, Strict
+from train.data import Example, collate, tokenize_texts
+from train.loop import Batch, TrainTask, token_ce_sum, train
+from train.report import LOG_NAME, PLOT_NAME
+
+log = logging.getLogger(__name__)
+
+
+class DistillConfig(Strict):
+    """What to distil, into what, on which text."""
+
+    teacher: Path = Field(description="Teacher model folder.")
+    student: Path | None = Field(
+        default=None, description="Student model folder (same tokenizer); null: built from the teacher."
+    )
+    student_layers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Without `student`: keep the teacher's first N layers (default: half of them).",
+    )
+    data: str = Field(
+        default=BUILTIN_CORPUS, description="Training text: .txt/.jsonl file or builtin:pydoc-topics."
+    )
+    eval_data: str | None = Field(
+        default=None,
+        description="Held-out text; null: the built-in held-out split, or every 10th sample of a file.",
+    )
+    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many training texts.")
+    max_eval_samples: int | None = Field(
+        default=None, ge=1, description="Use at most this many held-out texts."
+    )
+    max_length: int = Field(default=256, ge=8, description="Tokens per training sample (truncated).")
+    temperature: float = Field(default=2.0, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha for CE.")
+    hidden_weight: float = Field(default=0.0, ge=0, description="Weight of hidden-state matching (0: off).")
+    compare_hard_labels: bool = Field(
+        default=False, description="Also train the same student on hard labels only, for comparison."
+    )
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    work_dir: Path | None = Field(default=None, description="Checkpoints and logs; null: a temporary folder.")
+    resume: bool = Field(default=False, description="Continue from the newest checkpoint in work_dir.")
+
+    @model_validator(mode="after")
+    def _student_source(self) -> DistillConfig:
+        if self.student is not None and self.student_layers is not None:
+            raise ValueError("give either student or student_layers, not both")
+        if self.resume and self.work_dir is None:
+            raise ValueError("resume needs work_dir")
+        return self
+
+
+class DistillResult(Strict):
+    """Measured outcome (losses are mean next-token cross-entropy on held-out text, nats/token)."""
+
+    heldout_loss: float
+    heldout_loss_initial: float
+    heldout_loss_teacher: float
+    heldout_loss_hard_labels: float | None = None
+    steps: int
+    student_layers: int
+    student_params: int
+    teacher_params: int
+    train_samples: int
+    eval_samples: int
+    stopped_early: bool
+
+
+class _StudentWithProjections(nn.Module):
+    """The trained module: the student plus the hidden-state projections (trained with it)."""
+
+    def __init__(self, student: PreTrainedModel, projections: nn.ModuleList) -> None:
+        super().__init__()
+        self.student = student
+        self.projections = projections
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
+        if not hidden:
+            return out.logits, []
+        states = out.hidden_states[1:]  # one per layer (index 0 is the embeddings)
+        return out.logits, [proj(h) for proj, h in zip(self.projections, states, strict=True)]
+
+
+def student_from_teacher(teacher: PreTrainedModel, layers: int) -> PreTrainedModel:
+    """A student with the teacher's config but only its first `layers` layers, initialised from them."""
+    total = teacher.config.num_hidden_layers
+    if not 1 <= layers <= total:
+        raise ConfigError(f"student_layers must be between 1 and the teacher's {total} layers, got {layers}")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not missing, f"student parameters not found in the teacher: {missing[:3]}"
+    assert all(".layers." in k for k in unexpected), unexpected[:3]
+    return student
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher layer (0-based) matched by each student layer: evenly spaced, last to last."""
+    return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
+
+
+def _kl_sum(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, t: float
+) -> torch.Tensor:
+    s = nn.functional.log_softmax(student_logits.float() / t, dim=-1)
+    p = nn.functional.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (p.exp() * (p - s)).sum(-1)  # per position
+    return (kl * mask).sum() * t * t
+
+
+def _build_task(
+    config: DistillConfig,
+    teacher: PreTrainedModel,
+    student: PreTrainedModel,
+    train_data: list[Example],
+    eval_data: list[Example],
+    pad_id: int,
+    *,
+    hard_labels_only: bool,
+) -> TrainTask:
+    alpha = 0.0 if hard_labels_only else config.alpha
+    hidden_weight = 0.0 if hard_labels_only else config.hidden_weight
+    student_hidden, teacher_hidden = student.config.hidden_size, teacher.config.hidden_size
+    n_student = student.config.num_hidden_layers
+    mapping = layer_map(n_student, teacher.config.num_hidden_layers)
+    projections = nn.ModuleList(
+        nn.Identity() if student_hidden == teacher_hidden else nn.Linear(student_hidden, teacher_hidden)
+        for _ in range(n_student if hidden_weight > 0 else 0)
+    )
+    module = _StudentWithProjections(student.train(), projections)
+
+    def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["labels"]
+        logits, hidden = model(batch["input_ids"], batch["attention_mask"], hidden_weight > 0)
+        ce, tokens = token_ce_sum(logits, labels)
+        if alpha == 0 and hidden_weight == 0:
+            return ce, tokens
+        if next(teacher.parameters()).device != logits.device:
+            teacher.to(logits.device)
+        with torch.no_grad():
+            t_out = teacher(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=hidden_weight > 0,
+            )
+        mask = (labels[:, 1:] != -100).to(logits.dtype)
+        loss = (1 - alpha) * ce + alpha * _kl_sum(
+            logits[:, :-1], t_out.logits[:, :-1], mask, config.temperature
+        )
+        if hidden_weight > 0:
+            token_mask = batch["attention_mask"].float()
+            for student_h, index in zip(hidden, mapping, strict=True):
+                target = t_out.hidden_states[index + 1].float()
+                per_token = (student_h.float() - target).pow(2).mean(-1)
+                loss = loss + hidden_weight * (per_token * token_mask).sum()
+        return loss, tokens
+
+    def eval_loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, _ = model(batch["input_ids"], batch["attention_mask"], False)
+        return token_ce_sum(logits, batch["labels"])
+
+    params = sum(p.numel() for p in student.parameters())
+    return TrainTask(
+        model=module,
+        loss_fn=loss_fn,
+        eval_loss_fn=eval_loss_fn,
+        train_data=train_data,
+        eval_data=eval_data,
+        collate=lambda examples: collate(examples, pad_id),
+        flops_per_token=6.0 * params + (2.0 * sum(p.numel() for p in teacher.parameters()) if alpha else 0),
+    )
+
+
+def _texts(config: DistillConfig) -> tuple[list[str], list[str]]:
+    train_texts, name = load_texts(config.data, split="train")
+    if config.eval_data is not None:
+        eval_texts, _ = load_texts(config.eval_data, split="heldout")
+    elif name == BUILTIN_CORPUS:
+        eval_texts, _ = load_texts(None, split="heldout")
+    else:
+        eval_texts = train_texts[::10]
+        train_texts = [t for i, t in enumerate(train_texts) if i % 10]
+    return train_texts[: config.max_samples], eval_texts[: config.max_eval_samples]
+
+
+def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
+    """Distil `config.teacher` into a student and write the student to `output_dir` (created; must not
+    exist or be empty)."""
+    teacher_config = read_config(config.teacher)
+    tokenizer = load_tokenizer(config.teacher)
+    teacher = load_causal_lm(config.teacher, dtype=torch.float32)
+    teacher.requires_grad_(False)
+    save_dtype = teacher_config.get("torch_dtype") or teacher_config.get("dtype") or "float32"
+    if config.student is not None:
+        student = load_causal_lm(config.student, dtype=torch.float32)
+        if student.config.vocab_size != teacher.config.vocab_size:
+            raise ConfigError(
+                f"student vocabulary ({student.config.vocab_size}) differs from the teacher's "
+                f"({teacher.config.vocab_size}): distillation needs the same tokenizer"
+            )
+    else:
+        layers = config.student_layers or max(1, teacher.config.num_hidden_layers // 2)
+        student = student_from_teacher(teacher, layers)
+    initial_student = copy.deepcopy(student) if config.compare_hard_labels else None
+
+    train_texts, eval_texts = _texts(config)
+    train_data = tokenize_texts(tokenizer, train_texts, config.max_length)
+    eval_data = tokenize_texts(tokenizer, eval_texts, config.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log.info("distilling on %d samples, %d held out", len(train_data), len(eval_data))
+
+    task = _build_task(config, teacher, student, train_data, eval_data, pad_id, hard_labels_only=False)
+    work = config.work_dir / "distill" if config.work_dir else None
+    result = train(task, config.loop, work, resume=config.resume)
+    teacher_loss = _heldout_loss(teacher, eval_data, pad_id)
+
+    hard_loss = None
+    if initial_student is not None:
+        hard_task = _build_task(
+            config, teacher, initial_student, train_data, eval_data, pad_id, hard_labels_only=True
+        )
+        hard_work = config.work_dir / "hard_labels" if config.work_dir else None
+        hard_loss = train(hard_task, config.loop, hard_work, resume=config.resume).final_eval_loss
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    student.to(getattr(torch, str(save_dtype).removeprefix("torch.")))
+    student.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    if work is not None and result.log_path is not None:
+        for name in (LOG_NAME, PLOT_NAME):
+            shutil.copy2(work / name, output_dir / name)
+    return DistillResult(
+        heldout_loss=result.final_eval_loss,
+        heldout_loss_initial=result.initial_eval_loss
+        if result.initial_eval_loss is not None
+        else float("nan"),
+        heldout_loss_teacher=teacher_loss,
+        heldout_loss_hard_labels=hard_loss,
+        steps=result.steps,
+        student_layers=student.config.num_hidden_layers,
+        student_params=sum(p.numel() for p in student.parameters()),
+        teacher_params=sum(p.numel() for p in teacher.parameters()),
+        train_samples=len(train_data),
+        eval_samples=len(eval_data),
+        stopped_early=result.stopped_early,
+    )
+
+
+@torch.no_grad()
+def _heldout_loss(model: PreTrainedModel, examples: list[Example], pad_id: int) -> float:
+    """Mean next-token cross-entropy of `model` on `examples`."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), 8):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + 8], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, tokens = token_ce_sum(logits, batch["labels"])
+        total += float(loss)
+        count += int(tokens)
+    return total / max(count, 1)
