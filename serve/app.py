@@ -1,0 +1,68 @@
+"""`build_app(settings, engine)`: the FastAPI application of the server.
+
+Invariant: the app owns no engine life cycle (the CLI starts and stops the engine); everything a handler needs
+is in `app.state.server` (a `ServerState`).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, Response
+
+from serve import metrics
+from serve.engine.protocol import Engine
+from serve.errors import OpenAIError, error_response, install_error_handlers
+from serve.middleware import APIMiddleware
+from serve.openai.chat.router import router as chat_router
+from serve.openai.completions.router import router as completions_router
+from serve.openai.models.router import router as models_router
+from serve.routing import ModelRouter, StaticRouter
+from serve.settings import ServeSettings
+from serve.state import ServerState
+
+
+def default_router(settings: ServeSettings, base_root: str) -> StaticRouter:
+    """The router for `--served-model-name` and `--lora-modules`."""
+    from pathlib import Path
+
+    name = settings.served_model_name or Path(base_root).name
+    return StaticRouter(name, base_root, settings.adapters())
+
+
+def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | None = None) -> FastAPI:
+    """The API on `engine`; `router` defaults to the static one built from the settings."""
+    router = router or default_router(settings, settings.model or "model")
+    state = ServerState.create(settings, engine, router)
+    app = FastAPI(title="llmstack serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(APIMiddleware, state=state)
+    app.include_router(chat_router)
+    app.include_router(completions_router)
+    app.include_router(models_router)
+
+    @app.get("/health")
+    async def health() -> Response:
+        """Liveness: 200 while the engine is alive (also while draining)."""
+        try:
+            await state.engine.check_health()
+        except Exception as exc:
+            return error_response(OpenAIError(503, f"engine is not healthy: {exc}", code="engine_dead"))
+        return Response(status_code=200)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: 200 only when the engine is loaded and the server is not draining."""
+        if state.draining:
+            return error_response(OpenAIError(503, "server is shutting down", code="draining"))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        usage = state.engine.kv_cache_usage()
+        if usage is not None:
+            metrics.KV_CACHE_USAGE.set(usage)
+        metrics.LORA_ADAPTERS_LOADED.set(sum(1 for m in state.router.models() if m.parent is not None))
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    return app

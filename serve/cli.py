@@ -1,0 +1,119 @@
+"""`serve`: start the OpenAI-compatible server (flags: `serve --help`).
+
+Invariants: bad flags or settings exit 2 with one line per problem before anything is loaded; SIGTERM drains
+(ready → 503, new requests 503, in-flight requests finish up to `--drain-timeout-seconds`) and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from core.errors import StackError
+from serve.settings import ServeSettings, parse_settings
+
+log = logging.getLogger("serve")
+
+# vLLM CPU defaults (DESIGN.md): without a KV cache size vLLM takes most of the RAM; stats stay local.
+CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1"}
+
+
+def apply_env_defaults(settings: ServeSettings) -> None:
+    """Set vLLM's environment defaults for this machine unless the user set them."""
+    if settings.cpu_kvcache_space_gib is not None:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space_gib)
+    for key, value in CPU_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM/SIGINT start a drain instead of closing the listening socket at once:
+    the app answers 503 while in-flight requests finish, then the server stops (a second signal: at once)."""
+
+    def __init__(self, config: uvicorn.Config, state: object, drain_timeout: float) -> None:
+        super().__init__(config)
+        self._state = state
+        self._drain_timeout = drain_timeout
+        self._drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_started is None:
+            log.info("signal %s: draining (up to %.0f s)", signal.Signals(sig).name, self._drain_timeout)
+            self._drain_started = time.monotonic()
+            self._state.draining = True  # type: ignore[attr-defined]
+        else:
+            self.should_exit = True
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_started is not None:
+            in_flight: int = self._state.in_flight  # type: ignore[attr-defined]
+            if in_flight == 0:
+                return True
+            if time.monotonic() - self._drain_started > self._drain_timeout:
+                log.warning("drain timeout: %d requests still in flight", in_flight)
+                return True
+        return await super().on_tick(counter)
+
+
+async def _serve(settings: ServeSettings, model_dir: Path) -> None:
+    from serve.app import build_app, default_router
+    from serve.engine.vllm_engine import VLLMEngine
+
+    router = default_router(settings, str(model_dir))
+    for name, path in settings.adapters().items():
+        if not path.is_dir():
+            raise StackError(f"LoRA adapter {name!r}: {path} is not a folder")
+    engine = VLLMEngine.start(settings, model_dir)
+    try:
+        app = build_app(settings, engine, router)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=5,
+        )
+        server = DrainingServer(config, app.state.server, settings.drain_timeout_seconds)
+        url = f"http://{settings.host}:{settings.port}/v1"
+        log.info("serving %s as %r at %s", model_dir, router.base_name, url)
+        print(f"serve: {router.base_name} at {url}", flush=True)  # noqa: T201  (the CLI's one line of output)
+        await server.serve()
+    finally:
+        engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = parse_settings(argv)
+    except ValidationError as err:
+        for problem in err.errors():
+            where = ".".join(str(p) for p in problem["loc"]) or "settings"
+            sys.stderr.write(f"serve: error: {where}: {problem['msg']}\n")
+        sys.exit(2)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    apply_env_defaults(settings)
+    try:
+        from core.default_model import ensure_default_model
+        from core.models import resolve_model_dir
+
+        model_dir = resolve_model_dir(settings.model) if settings.model else ensure_default_model()
+        asyncio.run(_serve(settings, model_dir))
+    except StackError as err:
+        sys.stderr.write(f"serve: error: {err}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

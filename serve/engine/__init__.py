@@ -1,0 +1,1 @@
+"""Engines behind the server: the `Engine` protocol and its vLLM implementation."""

@@ -1,0 +1,88 @@
+"""The `Engine` protocol: what the HTTP layer needs from an inference engine.
+
+Invariant: the engine works on token ids and returns deltas; it knows nothing about HTTP, chat templates or
+the OpenAI wire format. Sampling is described by vLLM's `SamplingParams` and adapters by `LoRARequest` (both
+plain data classes), so the protocol adds no parallel vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely alternatives (best first)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """What one sequence (`index` < n) produced since the previous output of its request."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """One step of a request: deltas for the sequences that advanced; `finished` on the last one."""
+
+    prompt_tokens: int
+    choices: tuple[ChoiceDelta, ...]
+    finished: bool
+
+
+class Engine(Protocol):
+    """An async inference engine serving one base model and, optionally, LoRA adapters on it."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora: LoRARequest | None = None,
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """Deltas of the request until finished. Closing the iterator early aborts the request."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request (idempotent; unknown ids are ignored)."""
+
+    async def add_lora(self, lora: LoRARequest) -> bool: ...
+
+    async def remove_lora(self, lora_id: int) -> bool: ...
+
+    async def list_loras(self) -> set[int]: ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine is dead."""
+
+    def num_unfinished_requests(self) -> int:
+        """Requests the engine is still working on (0 after every request finished or was aborted)."""
+        ...
+
+    def kv_cache_usage(self) -> float | None:
+        """Fraction of the KV cache in use at the last scheduler step, if the engine reports it."""
+        ...
+
+    def shutdown(self) -> None: ...

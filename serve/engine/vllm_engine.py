@@ -1,0 +1,161 @@
+"""The `Engine` on vLLM's `AsyncLLM`, in this process (not a proxy to another server).
+
+Invariant: one `AsyncLLM` per server; requests always use `RequestOutputKind.DELTA` so every output carries
+only new tokens, and vLLM's own Prometheus metrics land in prometheus_client's default registry next to ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from serve.engine.protocol import ChoiceDelta, EngineOutput, TokenLogprob
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.outputs import CompletionOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+def _is_cpu_build() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+class _SchedulerStats:
+    """Keeps the last KV cache usage vLLM reported (a stat logger: vLLM calls `record` each step)."""
+
+    kv_cache_usage: float | None = None
+
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        holder = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                if scheduler_stats is not None:
+                    holder.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger(vllm_config, engine_index)
+
+
+class VLLMEngine:
+    """`Engine` implementation on `AsyncLLM`."""
+
+    def __init__(self, llm: AsyncLLM, tokenizer: PreTrainedTokenizerBase, stats: _SchedulerStats) -> None:
+        self._llm = llm
+        self._tokenizer = tokenizer
+        self._stats = stats
+
+    @classmethod
+    def start(cls, settings: ServeSettings, model_dir: Path) -> VLLMEngine:
+        """Load the model into a new `AsyncLLM` (blocking; seconds on the tiny model, longer on real ones)."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from core.models import load_tokenizer
+
+        cpu = _is_cpu_build()
+        enforce_eager = settings.enforce_eager if settings.enforce_eager is not None else cpu
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            served_model_name=settings.served_model_name or model_dir.name,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,  # type: ignore[arg-type]
+            enable_lora=settings.lora_enabled(),
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            disable_log_stats=False,
+        )
+        stats = _SchedulerStats()
+        log.info("starting vLLM (%s) on %s", "cpu" if cpu else "gpu", model_dir)
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.factory])
+        return cls(llm, load_tokenizer(model_dir), stats)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._llm.model_config.max_model_len)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora: LoRARequest | None = None,
+    ) -> AsyncGenerator[EngineOutput, None]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.DELTA
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        async for out in self._llm.generate(prompt, params, request_id, lora_request=lora):
+            choices = tuple(_delta(c, params.logprobs) for c in out.outputs)
+            yield EngineOutput(prompt_tokens=len(prompt_token_ids), choices=choices, finished=out.finished)
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def add_lora(self, lora: LoRARequest) -> bool:
+        return await self._llm.add_lora(lora)
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return await self._llm.remove_lora(lora_id)
+
+    async def list_loras(self) -> set[int]:
+        return await self._llm.list_loras()
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        return int(self._llm.get_num_unfinished_requests())
+
+    def kv_cache_usage(self) -> float | None:
+        return self._stats.kv_cache_usage
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _delta(output: CompletionOutput, num_logprobs: int | None) -> ChoiceDelta:
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    if num_logprobs is not None and output.logprobs is not None:
+        items = []
+        for token_id, position in zip(output.token_ids, output.logprobs, strict=False):
+            if position is None:
+                continue
+            chosen = position[token_id]
+            ranked = sorted(position.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)
+            top = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked[:num_logprobs])
+            items.append(TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob, top=top))
+        logprobs = tuple(items)
+    return ChoiceDelta(
+        index=output.index,
+        text=output.text,
+        token_ids=tuple(output.token_ids),
+        logprobs=logprobs,
+        finish_reason=output.finish_reason,
+    )

@@ -1,0 +1,110 @@
+"""OpenAI-shaped errors: every error the server returns is `{"error": {"message", "type", "param", "code"}}`.
+
+Invariant: no handler ever answers FastAPI's default `{"detail": ...}`; exception handlers registered by
+`install_error_handlers` cover our own errors, request validation, routing (404/405) and anything unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import StackError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class OpenAIError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    err_type = _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def sse_error_frame(err: OpenAIError) -> str:
+    """The frame sent when a stream fails after its 200 was sent (followed by `data: [DONE]`)."""
+    return f"data: {json.dumps(err.body())}\n\n"
+
+
+def as_openai_error(exc: BaseException) -> OpenAIError:
+    """Our own errors keep their status; user errors from `core` are 400; anything else is a 500."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, StackError):
+        return OpenAIError(400, str(exc))
+    log.exception("unexpected error", exc_info=exc)
+    return OpenAIError(500, f"internal error: {type(exc).__name__}")
+
+
+def error_response(err: OpenAIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _validation_param(loc: Any) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error response OpenAI-shaped."""
+
+    async def on_openai_error(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(as_openai_error(exc))
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        message = "; ".join(f"{_validation_param(e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
+        return error_response(OpenAIError(400, message, param=_validation_param(first["loc"])))
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        headers = dict(exc.headers or {})
+        return error_response(OpenAIError(exc.status_code, str(exc.detail), headers=headers))
+
+    app.add_exception_handler(OpenAIError, on_openai_error)
+    app.add_exception_handler(StackError, on_openai_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_openai_error)

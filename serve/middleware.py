@@ -1,0 +1,115 @@
+"""ASGI middleware of the API: body size limit, draining, in-flight accounting, HTTP metrics.
+
+Invariants: a body over the limit is refused with 413 before a handler sees it; while draining, every
+request except /health, /ready and /metrics gets 503; `in_flight` drops only when a response (stream
+included) is over, and the callbacks a handler put on `request.state.cleanup` run then, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve import metrics
+from serve.errors import OpenAIError
+from serve.state import ServerState
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_error(send: Send, err: OpenAIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class APIMiddleware:
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500, "started": False}
+        cleanup: list[Callable[[], None]] = []
+        scope.setdefault("state", {})["cleanup"] = cleanup
+        scope["state"]["model"] = ""
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["started"] = True
+            await send(message)
+
+        limit = self.state.settings.max_request_body_bytes
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge
+            return message
+
+        self.state.in_flight += 1
+        try:
+            if self.state.draining:
+                await _send_error(send_wrapper, OpenAIError(503, "server is shutting down", code="draining"))
+                return
+            declared = _content_length(scope)
+            if declared is not None and declared > limit:
+                await _send_error(send_wrapper, _too_large(limit))
+                return
+            try:
+                await self.app(scope, receive_limited, send_wrapper)
+            except _TooLarge:
+                if not status["started"]:
+                    await _send_error(send_wrapper, _too_large(limit))
+        finally:
+            self.state.in_flight -= 1
+            for callback in cleanup:
+                callback()
+            endpoint = _endpoint(scope)
+            model = scope["state"].get("model") or ""
+            label = self.state.model_label(model) if model else ""
+            metrics.HTTP_REQUESTS.labels(endpoint, label, str(status["code"])).inc()
+
+
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _endpoint(scope: Scope) -> str:
+    """The matched route's path template (bounded), or `unmatched`."""
+    route: Any = scope.get("route")
+    return str(getattr(route, "path", None) or "unmatched")

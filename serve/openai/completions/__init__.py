@@ -1,0 +1,1 @@
+"""OpenAI /v1/completions."""

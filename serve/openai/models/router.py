@@ -1,0 +1,25 @@
+"""HTTP route of GET /v1/models: the base model, then every adapter with `parent` = the base model."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+
+from serve.auth import key_id_of
+from serve.openai.models.protocol import ModelCard, ModelList
+from serve.state import ServerState
+
+router = APIRouter(dependencies=[Depends(key_id_of)])
+_STARTED = int(time.time())
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    state: ServerState = request.app.state.server
+    max_len = state.engine.max_model_len
+    cards = [
+        ModelCard(id=m.id, created=_STARTED, root=m.root, parent=m.parent, max_model_len=max_len)
+        for m in state.router.models()
+    ]
+    return ModelList(data=cards)
