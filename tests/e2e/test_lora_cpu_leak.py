@@ -84,11 +84,7 @@ def test_without_the_fix_the_base_request_leaks(
     original_shrink = getattr(lora_ops.bgmv_shrink, "__wrapped__", None)
     if original_shrink is None or not vllm_plugin.ops_leak(original_shrink):
         pytest.skip("the installed vLLM's CPU LoRA ops no longer leak: remove fix 2 of serve.vllm_plugin")
-    for module_name in (
-        "vllm.lora.ops.torch_ops.lora_ops",
-        "vllm.lora.ops.torch_ops",
-        *vllm_plugin.LORA_OPS_IMPORTERS,
-    ):
+    for module_name in (vllm_plugin.LORA_OPS_MODULE, *vllm_plugin.LORA_OPS_IMPORTERS):
         module = sys.modules.get(module_name)
         for op in vllm_plugin.BGMV_OPS:
             if module is not None and hasattr(getattr(module, op, None), "__wrapped__"):
