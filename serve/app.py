@@ -12,6 +12,7 @@ from serve import metrics
 from serve.engine.protocol import Engine
 from serve.errors import OpenAIError, error_response, install_error_handlers
 from serve.middleware import APIMiddleware
+from serve.openai.adapters.router import router as adapters_router
 from serve.openai.chat.router import router as chat_router
 from serve.openai.completions.router import router as completions_router
 from serve.openai.models.router import router as models_router
@@ -39,6 +40,7 @@ def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | Non
     app.include_router(chat_router)
     app.include_router(completions_router)
     app.include_router(models_router)
+    app.include_router(adapters_router)
 
     @app.get("/health")
     async def health() -> Response:

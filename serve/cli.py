@@ -68,14 +68,16 @@ class DrainingServer(uvicorn.Server):
 async def _serve(settings: ServeSettings, model_dir: Path) -> None:
     from serve.app import build_app, default_router
     from serve.engine.vllm_engine import VLLMEngine
+    from serve.openai.adapters.serving import adapter_specs, start_router
 
     router = default_router(settings, str(model_dir))
     for name, path in settings.adapters().items():
         if not path.is_dir():
             raise StackError(f"LoRA adapter {name!r}: {path} is not a folder")
+    specs = adapter_specs(settings)
     engine = VLLMEngine.start(settings, model_dir)
     try:
-        app = build_app(settings, engine, router)
+        app = build_app(settings, engine, await start_router(settings, model_dir, engine, router, specs))
         config = uvicorn.Config(
             app,
             host=settings.host,

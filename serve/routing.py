@@ -10,6 +10,7 @@ unknown name is a 404 with `param: "model"`.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -50,6 +51,11 @@ class ModelRouter(Protocol):
         """The base model first, then every adapter currently servable."""
         ...
 
+    def lease(self, route: Route) -> AbstractContextManager[None]:
+        """Held while a request runs on `route` (unloading its adapter waits for it); 404 if the adapter
+        went away since `resolve`."""
+        ...
+
 
 def unknown_model(model: str) -> OpenAIError:
     return OpenAIError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
@@ -85,3 +91,6 @@ class StaticRouter:
         entries = [ModelEntry(self._base_name, self._base_root, None)]
         entries += [ModelEntry(n, r.lora_path, self._base_name) for n, r in self._adapters.items()]
         return entries
+
+    def lease(self, route: Route) -> AbstractContextManager[None]:
+        return nullcontext()

@@ -60,6 +60,16 @@ class ServeSettings(StackSettings):
     enable_lora: bool = Field(False, description="enable LoRA adapters (implied by --lora-modules)")
     max_loras: int = Field(4, ge=1, description="adapters resident in one batch")
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank accepted")
+    lora_dir: Path | None = Field(
+        None, description="serve every PEFT adapter folder in this directory, named after its folder"
+    )
+    lora_registry: Path | None = Field(
+        None, description="YAML file of adapters to serve: `adapters: [{name: ..., path: ...}]`"
+    )
+    admin_api_key: list[SecretStr] = Field(
+        default_factory=list,
+        description="key allowed to load/unload adapters at run time (repeatable); needed once keys are set",
+    )
     cpu_kvcache_space_gib: int | None = Field(
         None, ge=1, description="CPU engine: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE; default 1)"
     )
@@ -99,6 +109,11 @@ class ServeSettings(StackSettings):
         problems = [
             f"API key #{i + 1}: {r}" for i, k in enumerate(self.api_key) if (r := placeholder_reason(k))
         ]
+        problems += [
+            f"admin API key #{i + 1}: {r}"
+            for i, k in enumerate(self.admin_api_key)
+            if (r := placeholder_reason(k))
+        ]
         if self.api_keys_file is not None:
             try:
                 entries = parse_keys_file(self.api_keys_file.read_text())
@@ -120,7 +135,12 @@ class ServeSettings(StackSettings):
         return {name: Path(path) for name, _, path in (s.partition("=") for s in self.lora_modules)}
 
     def lora_enabled(self) -> bool:
-        return self.enable_lora or bool(self.lora_modules)
+        return (
+            self.enable_lora
+            or bool(self.lora_modules)
+            or self.lora_dir is not None
+            or self.lora_registry is not None
+        )
 
 
 def parse_keys_file(text: str) -> list[tuple[str | None, str]]:

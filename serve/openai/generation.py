@@ -123,32 +123,33 @@ async def run_request(
     last_token_at = arrival
     generated = 0
     try:
-        async with aclosing(
-            state.engine.generate(request_id, prompt_token_ids, params, route.lora)
-        ) as outputs:
-            async for out in outputs:
-                new_tokens = sum(len(c.token_ids) for c in out.choices)
-                now = time.monotonic()
-                if new_tokens:
-                    if first_token_at is None:
-                        first_token_at = now
-                        metrics.TIME_TO_FIRST_TOKEN.labels(label).observe(now - arrival)
-                    else:
-                        gap = (now - last_token_at) / new_tokens
-                        for _ in range(new_tokens):
-                            metrics.INTER_TOKEN_LATENCY.labels(label).observe(gap)
-                    last_token_at = now
-                    generated += new_tokens
-                finished = out.finished
-                if finished:
-                    usage.prompt_tokens += out.prompt_tokens
-                    usage.completion_tokens += generated
-                    metrics.E2E_REQUEST_LATENCY.labels(label).observe(now - arrival)
-                    metrics.REQUEST_PROMPT_TOKENS.labels(label).observe(out.prompt_tokens)
-                    metrics.REQUEST_GENERATION_TOKENS.labels(label).observe(generated)
-                    metrics.PROMPT_TOKENS.labels(label).inc(out.prompt_tokens)
-                    metrics.GENERATION_TOKENS.labels(label).inc(generated)
-                yield out
+        with state.router.lease(route):
+            async with aclosing(
+                state.engine.generate(request_id, prompt_token_ids, params, route.lora)
+            ) as outputs:
+                async for out in outputs:
+                    new_tokens = sum(len(c.token_ids) for c in out.choices)
+                    now = time.monotonic()
+                    if new_tokens:
+                        if first_token_at is None:
+                            first_token_at = now
+                            metrics.TIME_TO_FIRST_TOKEN.labels(label).observe(now - arrival)
+                        else:
+                            gap = (now - last_token_at) / new_tokens
+                            for _ in range(new_tokens):
+                                metrics.INTER_TOKEN_LATENCY.labels(label).observe(gap)
+                        last_token_at = now
+                        generated += new_tokens
+                    finished = out.finished
+                    if finished:
+                        usage.prompt_tokens += out.prompt_tokens
+                        usage.completion_tokens += generated
+                        metrics.E2E_REQUEST_LATENCY.labels(label).observe(now - arrival)
+                        metrics.REQUEST_PROMPT_TOKENS.labels(label).observe(out.prompt_tokens)
+                        metrics.REQUEST_GENERATION_TOKENS.labels(label).observe(generated)
+                        metrics.PROMPT_TOKENS.labels(label).inc(out.prompt_tokens)
+                        metrics.GENERATION_TOKENS.labels(label).inc(generated)
+                    yield out
     finally:
         if not finished:
             # Shielded: when a client disconnects, the surrounding task is being cancelled.

@@ -1,0 +1,101 @@
+"""Adapter management logic: registry errors become OpenAI errors (400 invalid adapter, 404 unknown name,
+409 name taken); everything else is the registry's (adapters.registry)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+
+from adapters.base import BaseModelProfile
+from adapters.discovery import AdapterSpec, collect
+from adapters.errors import AdapterError, AdapterExists, AdapterNotFound
+from adapters.registry import AdapterRegistry, LoRAEngine
+from core.errors import StackError
+from serve.errors import OpenAIError
+from serve.openai.adapters.protocol import AdapterCard, AdapterList, LoadAdapterRequest
+from serve.routing import ModelRouter
+from serve.settings import ServeSettings
+from serve.state import ServerState
+
+
+def adapter_specs(settings: ServeSettings) -> list[AdapterSpec]:
+    """The start-up adapters of `--lora-modules`, `--lora-dir` and `--lora-registry` (problems together)."""
+    return collect(
+        settings.lora_modules,
+        [settings.lora_dir] if settings.lora_dir else [],
+        [settings.lora_registry] if settings.lora_registry else [],
+    )
+
+
+async def start_router(
+    settings: ServeSettings,
+    model_dir: Path,
+    engine: LoRAEngine,
+    static: ModelRouter,
+    specs: list[AdapterSpec],
+) -> ModelRouter:
+    """With LoRA enabled: a registry holding the validated start-up adapters; otherwise `static`."""
+    if not settings.lora_enabled():
+        return static
+    profile = BaseModelProfile.from_dir(model_dir, static.base_name)
+    registry = AdapterRegistry(profile, engine, max_lora_rank=settings.max_lora_rank)
+    await registry.load_all(specs)
+    return registry
+
+
+def check_admin(state: ServerState, authorization: str | None) -> None:
+    """When API or admin keys are set, only an `--admin-api-key` may manage adapters (401 no key, 403 not
+    an admin key); with no keys at all (auth off) the API is open like every other route."""
+    if not state.keys.enabled and not state.settings.admin_api_key:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise OpenAIError(401, "missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+    presented = hashlib.sha256(token.strip().encode()).digest()
+    matched = False
+    for key in state.settings.admin_api_key:
+        matched |= secrets.compare_digest(presented, hashlib.sha256(key.get_secret_value().encode()).digest())
+    if not matched:
+        raise OpenAIError(
+            403, "managing adapters needs an admin API key (--admin-api-key)", code="insufficient_permissions"
+        )
+
+
+def registry_of(state: ServerState) -> AdapterRegistry:
+    if not isinstance(state.router, AdapterRegistry) or not state.settings.lora_enabled():
+        raise OpenAIError(400, "LoRA adapters are not enabled on this server (start it with --enable-lora)")
+    return state.router
+
+
+def _as_openai(err: StackError, name: str) -> OpenAIError:
+    if isinstance(err, AdapterNotFound):
+        return OpenAIError(404, str(err), param="name", code="adapter_not_found")
+    if isinstance(err, AdapterExists):
+        return OpenAIError(409, str(err), param="name", code="adapter_exists")
+    if isinstance(err, AdapterError):
+        return OpenAIError(400, str(err), param="path", code="invalid_adapter")
+    return OpenAIError(400, f"adapter {name!r}: {err}")
+
+
+async def load_adapter(state: ServerState, req: LoadAdapterRequest) -> AdapterCard:
+    registry = registry_of(state)
+    try:
+        entry = await registry.load(req.name, Path(req.path))
+    except StackError as err:
+        raise _as_openai(err, req.name) from None
+    return AdapterCard.of(entry, registry.base_name)
+
+
+async def unload_adapter(state: ServerState, name: str) -> AdapterCard:
+    registry = registry_of(state)
+    try:
+        entry = await registry.unload(name)
+    except StackError as err:
+        raise _as_openai(err, name) from None
+    return AdapterCard.of(entry, registry.base_name)
+
+
+def list_adapters(state: ServerState) -> AdapterList:
+    registry = registry_of(state)
+    return AdapterList(data=[AdapterCard.of(e, registry.base_name) for e in registry.adapters()])
