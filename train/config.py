@@ -85,7 +85,7 @@ class LoraSettings(Strict):
     """PEFT LoRA settings. vLLM serves rank <= its max_lora_rank (16 by default)."""
 
     rank: int = Field(default=8, ge=1)
-    alpha: float = Field(default=16.0, gt=0)
+    alpha: int = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha / rank).")
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -373,7 +373,7 @@ class _Run:
         else:
             if state_ckpts:
                 raise TrainingError(f"{self.ckpt_dir} holds checkpoints: pass --resume or use a new output")
-            self.state.evals.append({"step": 0, "eval_loss": self.evaluate()})
+            self._record_eval()
             self._save()  # step 0: the rollback target before the first periodic checkpoint
         self.model.train()
         bar = tqdm(

@@ -1,0 +1,146 @@
+"""`train` command line: a thin typer layer over train.lora, train.distill and train.memory.
+
+Invariant: every user error surfaces as one `error: ...` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import ValidationError
+
+from core.errors import ConfigError, StackError
+from core.models import read_config
+from train.config import LoraRecipe, format_validation_error, load_recipe
+from train.memory import estimate_memory, format_estimate
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA fine-tuning and distillation.")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Recipe YAML (see train/recipes/).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")]
+WorkOpt = Annotated[Path | None, typer.Option(help="Checkpoints and logs (default: <output>.work).")]
+
+
+@app.command()
+def lora(
+    model: Annotated[Path, typer.Option(help="Base model folder.")],
+    data: Annotated[Path, typer.Option(help='Chat records, one {"messages": [...]} per line.')],
+    output: Annotated[Path, typer.Option(help="Adapter artifact folder to write.")],
+    config: ConfigOpt = None,
+    eval_data: Annotated[Path | None, typer.Option(help="Held-out chat records.")] = None,
+    work_dir: WorkOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Fine-tune a LoRA adapter (loss on assistant tokens only) and write it as a `lora` artifact."""
+    from train.lora import train_lora
+
+    recipe = load_recipe(config, LoraRecipe) if config else LoraRecipe()
+    result = train_lora(
+        model,
+        data,
+        output,
+        recipe,
+        eval_data=eval_data,
+        work_dir=work_dir,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    typer.echo(result.model_dump_json(indent=2))
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="Teacher model folder.")],
+    output: Annotated[Path, typer.Option(help="Student model folder to write.")],
+    config: ConfigOpt = None,
+    student: Annotated[Path | None, typer.Option(help="Student model folder.")] = None,
+    student_layers: Annotated[
+        int | None, typer.Option(help="Build the student from N teacher layers.")
+    ] = None,
+    compare_hard_labels: Annotated[bool, typer.Option(help="Also train on hard labels only.")] = False,
+    work_dir: WorkOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Distil a teacher into a smaller student (plain model folder; `quantize distill` adds the manifest)."""
+    from train.distill import DistillConfig
+    from train.distill import distill as run_distill
+
+    settings: dict[str, Any] = _yaml_mapping(config) if config else {}
+    flags = {
+        "teacher": teacher,
+        "student": student,
+        "student_layers": student_layers,
+        "work_dir": work_dir or (output.parent / f"{output.name}.work"),
+        "resume": resume,
+    }
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    settings["compare_hard_labels"] = compare_hard_labels or settings.get("compare_hard_labels", False)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"output {output} already exists and is not empty")
+    try:
+        distill_config = DistillConfig.model_validate(settings)
+    except ValidationError as err:
+        raise ConfigError(f"distill settings: {format_validation_error(err)}") from None
+    typer.echo(run_distill(distill_config, output).model_dump_json(indent=2))
+
+
+@app.command("estimate-memory")
+def estimate_memory_cmd(
+    model: Annotated[Path, typer.Option(help="Model folder (only config.json is read).")],
+    method: Annotated[str, typer.Option(help="lora or full.")] = "lora",
+    seq_len: Annotated[int, typer.Option(min=1)] = 512,
+    batch: Annotated[int, typer.Option(min=1)] = 1,
+    lora_rank: Annotated[int, typer.Option(min=1)] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (bytes).")] = False,
+) -> None:
+    """Estimate training memory: weights, gradients, optimizer states, activations, logits, KV cache."""
+    if method not in ("lora", "full"):
+        raise ConfigError(f"--method must be lora or full, got {method!r}")
+    estimate = estimate_memory(
+        read_config(model),
+        method=method,  # type: ignore[arg-type]
+        seq_len=seq_len,
+        batch=batch,
+        lora_rank=lora_rank,
+    )
+    typer.echo(json.dumps(estimate.as_dict(), indent=2) if as_json else format_estimate(estimate))
+
+
+def _yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of settings")
+    return raw
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except StackError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(2) from None
+    except (typer.Abort, KeyboardInterrupt):
+        raise SystemExit(130) from None
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            raise SystemExit(err.exit_code) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

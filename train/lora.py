@@ -1,0 +1,162 @@
+"""LoRA supervised fine-tuning on chat records: recipe -> adapter artifact.
+
+Invariant: the output folder is a PEFT adapter that vLLM and PEFT load as-is, plus `artifact.json` (kind
+"lora") naming the base model and its digest, the training data digest and the measured eval loss; it is
+written atomically, after training, so a failed or killed run leaves no partial adapter (checkpoints for
+`--resume` live in the separate work folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from core.artifact import (
+    DataInfo,
+    ManifestDraft,
+    Quality,
+    SourceModel,
+    check_destination,
+    folder_digest,
+    texts_digest,
+    tool_versions,
+    write_artifact,
+)
+from core.models import load_causal_lm, load_tokenizer, resolve_model_dir
+from train.config import LoraRecipe
+from train.data import ChatData, collate, load_chat_jsonl
+from train.loop import TrainTask, causal_lm_loss_sum, train
+from train.report import LOG_NAME, PLOT_NAME
+
+log = logging.getLogger(__name__)
+
+
+class LoraResult(BaseModel):
+    output: Path
+    steps: int
+    eval_loss: float
+    eval_loss_initial: float | None
+    train_records: int
+    eval_records: int
+    skipped_records: list[str]
+    stopped_early: bool
+
+
+def default_work_dir(output: Path) -> Path:
+    """Where checkpoints and logs of a run writing `output` live (a sibling, so `--resume` finds them)."""
+    return output.parent / f"{output.name}.work"
+
+
+def _split(data: ChatData, eval_data: ChatData | None, every: int) -> tuple[ChatData, ChatData]:
+    if eval_data is not None:
+        return data, eval_data
+    held = [i for i in range(len(data.examples)) if i % every == every - 1]
+    if not held:
+        held = [len(data.examples) - 1]
+    train_idx = [i for i in range(len(data.examples)) if i not in set(held)]
+    pick = lambda idx: ChatData([data.examples[i] for i in idx], [data.texts[i] for i in idx])  # noqa: E731
+    return pick(train_idx), pick(held)
+
+
+def train_lora(
+    model: Path,
+    data: Path,
+    output: Path,
+    recipe: LoraRecipe,
+    *,
+    eval_data: Path | None = None,
+    work_dir: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> LoraResult:
+    """Fine-tune a LoRA adapter on `data` and write the adapter artifact to `output`."""
+    from peft import LoraConfig, get_peft_model
+
+    model = resolve_model_dir(model)
+    check_destination(output, overwrite=overwrite)
+    tokenizer = load_tokenizer(model)
+    cfg = recipe.data
+    records = load_chat_jsonl(data, tokenizer, max_length=cfg.max_length, on_bad=cfg.on_bad_record)
+    held_out = (
+        load_chat_jsonl(eval_data, tokenizer, max_length=cfg.max_length, on_bad=cfg.on_bad_record)
+        if eval_data is not None
+        else None
+    )
+    train_set, eval_set = _split(records, held_out, cfg.heldout_every)
+    base = load_causal_lm(model, dtype=torch.float32)
+    lora = recipe.lora
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n_params = sum(p.numel() for p in peft_model.parameters())
+    task = TrainTask(
+        model=peft_model,
+        loss_fn=causal_lm_loss_sum,
+        train_data=train_set.examples,
+        eval_data=eval_set.examples,
+        collate=lambda examples: collate(examples, pad_id),
+        flops_per_token=6.0 * n_params,
+    )
+    work = work_dir or default_work_dir(output)
+    result = train(task, recipe.loop, work, resume=resume)
+    n_tokens = sum(len(e.input_ids) for e in train_set.examples)
+
+    def populate(tmp: Path) -> ManifestDraft:
+        peft_model.save_pretrained(str(tmp))
+        for name in (LOG_NAME, PLOT_NAME):
+            if (work / name).is_file():
+                shutil.copy2(work / name, tmp / name)
+        extra = {"eval_loss": result.final_eval_loss, "best_eval_loss": result.best_eval_loss}
+        if result.initial_eval_loss is not None:
+            extra["eval_loss_initial"] = result.initial_eval_loss
+        if result.final_train_loss is not None:
+            extra["train_loss"] = result.final_train_loss
+        return ManifestDraft(
+            kind="lora",
+            source=SourceModel(path=str(model.resolve()), digest=folder_digest(model)),
+            parameters={
+                **lora.model_dump(),
+                "loop": recipe.loop.model_dump(mode="json"),
+                "steps": result.steps,
+            },
+            data=DataInfo(
+                name=str(data),
+                digest=texts_digest(train_set.texts),
+                num_samples=len(train_set.examples),
+                num_tokens=n_tokens,
+            ),
+            quality=Quality(
+                eval_data=DataInfo(
+                    name=str(eval_data or f"{data} (every {cfg.heldout_every}th record)"),
+                    digest=texts_digest(eval_set.texts),
+                    num_samples=len(eval_set.examples),
+                ),
+                extra=extra,
+            ),
+            tool_versions=tool_versions("torch", "transformers", "peft", "accelerate"),
+        )
+
+    write_artifact(output, populate, overwrite=overwrite)
+    log.info("adapter written to %s (eval loss %.4f)", output, result.final_eval_loss)
+    return LoraResult(
+        output=output,
+        steps=result.steps,
+        eval_loss=result.final_eval_loss,
+        eval_loss_initial=result.initial_eval_loss,
+        train_records=len(train_set.examples),
+        eval_records=len(eval_set.examples),
+        skipped_records=records.problems + (held_out.problems if held_out else []),
+        stopped_early=result.stopped_early,
+    )
