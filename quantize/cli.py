@@ -1,0 +1,249 @@
+"""`quantize`: the toolchain's command line, a thin layer over `quantize.api`.
+
+Invariant: option help comes from the config models' field descriptions; any user error (a `StackError`)
+prints one line on stderr and exits with status 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+
+from core.artifact import Manifest, Quality
+from core.errors import StackError
+from quantize.config import (
+    AwqConfig,
+    CalibrationConfig,
+    EvalConfig,
+    GptqConfig,
+    MergeLoraConfig,
+    Nf4Config,
+    RtnConfig,
+    WeightQuantConfig,
+    validated,
+)
+
+app = typer.Typer(
+    help="Quantize, merge, distil and evaluate models; every output is a verified artifact folder.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _help(model: type[BaseModel], field: str) -> str:
+    return model.model_fields[field].description or ""
+
+
+def _default(model: type[BaseModel], field: str) -> Any:
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
+Model = Annotated[Path, typer.Option("--model", help="Source model folder (Hugging Face format).")]
+Output = Annotated[Path, typer.Option("--output", help="Artifact folder to create.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
+Bits = Annotated[int, typer.Option(help=_help(WeightQuantConfig, "bits"))]
+GroupSize = Annotated[int, typer.Option(help=_help(WeightQuantConfig, "group_size"))]
+CalibData = Annotated[str | None, typer.Option(help=_help(CalibrationConfig, "calib_data"))]
+NumSamples = Annotated[int, typer.Option(help=_help(CalibrationConfig, "num_samples"))]
+MaxSeqLen = Annotated[int, typer.Option(help=_help(CalibrationConfig, "max_seq_len"))]
+EvalData = Annotated[str | None, typer.Option(help=_help(EvalConfig, "eval_data"))]
+EvalSamples = Annotated[int, typer.Option(help=_help(EvalConfig, "eval_samples"))]
+EvalSeqLen = Annotated[int, typer.Option(help=_help(EvalConfig, "eval_seq_len"))]
+
+BITS = _default(WeightQuantConfig, "bits")
+GROUP = _default(WeightQuantConfig, "group_size")
+SAMPLES = _default(CalibrationConfig, "num_samples")
+SEQ = _default(CalibrationConfig, "max_seq_len")
+EVAL_SAMPLES = _default(EvalConfig, "eval_samples")
+EVAL_SEQ = _default(EvalConfig, "eval_seq_len")
+
+
+def _fail(err: StackError) -> typer.Exit:
+    typer.echo(f"error: {err}", err=True)
+    return typer.Exit(2)
+
+
+def _report(output: Path, manifest: Manifest) -> None:
+    figures = manifest.quality.model_dump(exclude={"eval_data"}, exclude_none=True)
+    typer.echo(f"wrote {manifest.kind} artifact {output}")
+    typer.echo(json.dumps(figures, indent=2, sort_keys=True))
+
+
+def _eval_config(eval_data: str | None, eval_samples: int, eval_seq_len: int) -> EvalConfig:
+    return validated(EvalConfig, eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len)
+
+
+def _calibration(calib_data: str | None, num_samples: int, max_seq_len: int) -> dict[str, Any]:
+    return {"calib_data": calib_data, "num_samples": num_samples, "max_seq_len": max_seq_len}
+
+
+@app.callback()
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@app.command()
+def awq(
+    model: Model,
+    output: Output,
+    bits: Bits = BITS,
+    group_size: GroupSize = GROUP,
+    calib_data: CalibData = None,
+    num_samples: NumSamples = SAMPLES,
+    max_seq_len: MaxSeqLen = SEQ,
+    eval_data: EvalData = None,
+    eval_samples: EvalSamples = EVAL_SAMPLES,
+    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+    overwrite: Overwrite = False,
+) -> None:
+    """AWQ (llm-compressor AWQModifier, asymmetric groups) to compressed-tensors, which vLLM loads."""
+    from quantize import api
+
+    try:
+        config = validated(
+            AwqConfig,
+            bits=bits,
+            group_size=group_size,
+            calibration=_calibration(calib_data, num_samples, max_seq_len),
+        )
+        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
+        _report(output, api.awq(model, output, config, eval_config=eval_config, overwrite=overwrite))
+    except StackError as err:
+        raise _fail(err) from None
+
+
+@app.command()
+def gptq(
+    model: Model,
+    output: Output,
+    bits: Bits = BITS,
+    group_size: GroupSize = GROUP,
+    calib_data: CalibData = None,
+    num_samples: NumSamples = SAMPLES,
+    max_seq_len: MaxSeqLen = SEQ,
+    eval_data: EvalData = None,
+    eval_samples: EvalSamples = EVAL_SAMPLES,
+    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+    overwrite: Overwrite = False,
+) -> None:
+    """GPTQ (llm-compressor GPTQModifier, symmetric groups) to compressed-tensors, which vLLM loads."""
+    from quantize import api
+
+    try:
+        config = validated(
+            GptqConfig,
+            bits=bits,
+            group_size=group_size,
+            calibration=_calibration(calib_data, num_samples, max_seq_len),
+        )
+        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
+        _report(output, api.gptq(model, output, config, eval_config=eval_config, overwrite=overwrite))
+    except StackError as err:
+        raise _fail(err) from None
+
+
+@app.command()
+def rtn(
+    model: Model,
+    output: Output,
+    bits: Bits = BITS,
+    group_size: GroupSize = GROUP,
+    symmetric: Annotated[bool, typer.Option(help=_help(RtnConfig, "symmetric"))] = False,
+    eval_data: EvalData = None,
+    eval_samples: EvalSamples = EVAL_SAMPLES,
+    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+    overwrite: Overwrite = False,
+) -> None:
+    """Round-to-nearest (no calibration data), the baseline for AWQ and GPTQ, same format."""
+    from quantize import api
+
+    try:
+        config = validated(RtnConfig, bits=bits, group_size=group_size, symmetric=symmetric)
+        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
+        _report(output, api.rtn(model, output, config, eval_config=eval_config, overwrite=overwrite))
+    except StackError as err:
+        raise _fail(err) from None
+
+
+@app.command()
+def nf4(
+    model: Model,
+    output: Output,
+    double_quant: Annotated[bool, typer.Option(help=_help(Nf4Config, "double_quant"))] = True,
+    compute_dtype: Annotated[str, typer.Option(help=_help(Nf4Config, "compute_dtype"))] = "bfloat16",
+    eval_data: EvalData = None,
+    eval_samples: EvalSamples = EVAL_SAMPLES,
+    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+    overwrite: Overwrite = False,
+) -> None:
+    """bitsandbytes NF4 (double quantization), saved pre-quantized; transformers loads it (vLLM: GPU only)."""
+    from quantize import api
+
+    try:
+        config = validated(Nf4Config, double_quant=double_quant, compute_dtype=compute_dtype)
+        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
+        _report(output, api.nf4(model, output, config, eval_config=eval_config, overwrite=overwrite))
+    except StackError as err:
+        raise _fail(err) from None
+
+
+@app.command("merge-lora")
+def merge_lora(
+    base: Annotated[Path, typer.Option("--base", help="Full-precision base model folder.")],
+    adapter: Annotated[list[Path], typer.Option("--adapter", help=_help(MergeLoraConfig, "adapters"))],
+    output: Output,
+    weights: Annotated[
+        list[float] | None, typer.Option("--weights", help=_help(MergeLoraConfig, "weights"))
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help=_help(MergeLoraConfig, "force"))] = False,
+    eval_data: EvalData = None,
+    eval_samples: EvalSamples = EVAL_SAMPLES,
+    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+    overwrite: Overwrite = False,
+) -> None:
+    """Merge LoRA adapters (optionally weighted) into the base with PEFT; the output is a plain model."""
+    from quantize import api
+
+    try:
+        config = validated(MergeLoraConfig, adapters=adapter, weights=weights or None, force=force)
+        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
+        _report(output, api.merge_lora(base, output, config, eval_config=eval_config, overwrite=overwrite))
+    except StackError as err:
+        raise _fail(err) from None
+
+
+@app.command("eval")
+def eval_(
+    model: Model,
+    reference: Annotated[
+        Path | None, typer.Option(help="Reference model folder: adds mean KL and top-1 agreement.")
+    ] = None,
+    eval_data: EvalData = None,
+    eval_samples: EvalSamples = EVAL_SAMPLES,
+    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+) -> None:
+    """Perplexity on held-out text; against --reference also mean KL and top-1 agreement."""
+    from quantize import api
+
+    try:
+        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
+        quality: Quality = api.evaluate(model, reference=reference, eval_config=eval_config)
+    except StackError as err:
+        raise _fail(err) from None
+    typer.echo(json.dumps(quality.model_dump(exclude={"eval_data"}, exclude_none=True), indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Strict configuration models of the toolchain, one per method (llm-compressor style).
+
+Invariant: every model forbids unknown keys and validates its values before any model is loaded; the field
+descriptions are the CLI help (`quantize.cli` reads them), so a setting is documented in exactly one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import ConfigError
+
+SUPPORTED_BITS = (4, 8)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(Strict):
+    """Text that the calibrated methods (AWQ, GPTQ) run through the model."""
+
+    calib_data: str | None = Field(
+        default=None,
+        description="Calibration text: a .txt file (blank-line-separated paragraphs), a .jsonl file with a "
+        "'text' field, or hf:NAME[:SPLIT] (a `datasets` dataset, needs network). "
+        "Default: the built-in corpus (Python's pydoc topics, training split).",
+    )
+    num_samples: int = Field(default=128, ge=1, description="Calibration samples used (at most).")
+    max_seq_len: int = Field(default=512, ge=8, description="Tokens per calibration sample (truncated).")
+
+
+class EvalConfig(Strict):
+    """Held-out evaluation: perplexity, and against a reference model mean KL and top-1 agreement."""
+
+    eval_data: str | None = Field(
+        default=None,
+        description="Held-out text (.txt/.jsonl). Default: the built-in corpus' held-out split, which never "
+        "overlaps the built-in calibration split.",
+    )
+    eval_samples: int = Field(default=64, ge=1, description="Evaluation samples used (at most).")
+    eval_seq_len: int = Field(default=256, ge=8, description="Tokens per evaluation sample (truncated).")
+
+
+class WeightQuantConfig(Strict):
+    """Integer weight-only quantization (activations stay 16-bit: W4A16 / W8A16)."""
+
+    bits: int = Field(
+        default=4, description=f"Weight bits; supported: {', '.join(map(str, SUPPORTED_BITS))}."
+    )
+    group_size: int = Field(
+        default=128, ge=1, description="Input channels sharing one scale (and zero point)."
+    )
+
+    @field_validator("bits")
+    @classmethod
+    def _supported_bits(cls, bits: int) -> int:
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(
+                f"{bits}-bit weights are not supported (choose {' or '.join(map(str, SUPPORTED_BITS))})"
+            )
+        return bits
+
+
+class AwqConfig(WeightQuantConfig):
+    """AWQ: activation-aware channel scaling (llm-compressor `AWQModifier`), then asymmetric groups."""
+
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    duo_scaling: bool = Field(
+        default=True, description="Search scales with both activation and weight magnitudes."
+    )
+    n_grid: int = Field(default=20, ge=1, description="Grid points of the per-layer scale search.")
+
+
+class GptqConfig(WeightQuantConfig):
+    """GPTQ: Hessian-based error-correcting rounding (llm-compressor `GPTQModifier`), symmetric groups."""
+
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    dampening_frac: float = Field(
+        default=0.01, gt=0, lt=1, description="Hessian dampening, fraction of its mean diagonal."
+    )
+    block_size: int = Field(default=128, ge=1, description="Columns quantized per GPTQ block.")
+
+
+class RtnConfig(WeightQuantConfig):
+    """Round-to-nearest: the data-free baseline AWQ and GPTQ are compared to (min-max, same format)."""
+
+    symmetric: bool = Field(
+        default=False, description="Symmetric groups (no zero point); default asymmetric like AWQ."
+    )
+
+
+class Nf4Config(Strict):
+    """bitsandbytes 4-bit NormalFloat weights, saved pre-quantized (transformers `BitsAndBytesConfig`)."""
+
+    double_quant: bool = Field(
+        default=True, description="Quantize the per-block scales too (saves ~0.4 bit/weight)."
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls."
+    )
+
+
+class MergeLoraConfig(Strict):
+    """Fold LoRA adapters into a full-precision base (PEFT `merge_and_unload`)."""
+
+    adapters: list[Path] = Field(min_length=1, description="Adapter folders (PEFT format), merged in order.")
+    weights: list[float] | None = Field(
+        default=None, description="One weight per adapter (default 1.0 each): W += Σ weight_i · ΔW_i."
+    )
+    force: bool = Field(
+        default=False,
+        description="Allow a quantized base: it is dequantized first, so its quantization error stays in the "
+        "merged weights (merge into the full-precision base instead whenever it exists).",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _finite(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and not all(abs(w) < float("inf") for w in weights):
+            raise ValueError("adapter weights must be finite")
+        return weights
+
+    @model_validator(mode="after")
+    def _one_weight_per_adapter(self) -> MergeLoraConfig:
+        if self.weights is not None and len(self.weights) != len(self.adapters):
+            raise ValueError(f"{len(self.weights)} weights given for {len(self.adapters)} adapters")
+        return self
+
+
+C = TypeVar("C", bound=Strict)
+
+
+def validated(model: type[C], **values: object) -> C:
+    """Build a config, turning every validation problem into one `ConfigError` line."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or model.__name__}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        raise ConfigError(problems) from None

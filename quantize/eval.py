@@ -1,0 +1,68 @@
+"""Held-out evaluation of a model folder, optionally against a reference model.
+
+Invariant: figures are token-weighted means over the same held-out tokens for both models (perplexity =
+exp(mean next-token NLL); mean KL(reference || model) and top-1 agreement over every predicted position), so
+an artifact and its source are always compared on identical inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from core.artifact import Quality
+from core.models import load_causal_lm, load_tokenizer
+from core.textdata import data_info
+from quantize.calibration import load_samples, tokenize
+from quantize.config import EvalConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+
+def load_for_eval(path: Path) -> PreTrainedModel:
+    """A model as transformers loads it on this machine (quantized ones through their own layers)."""
+    return load_causal_lm(path, device_map="cpu")
+
+
+def evaluate(
+    model_dir: Path, *, reference_dir: Path | None = None, config: EvalConfig | None = None
+) -> Quality:
+    """Perplexity of `model_dir` on held-out text; with `reference_dir`, also the reference's perplexity, the
+    mean per-token KL(reference || model) and the top-1 agreement of the two."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    config = config or EvalConfig()
+    texts, name = load_samples(config.eval_data, split="heldout", limit=config.eval_samples)
+    tokenizer = load_tokenizer(reference_dir or model_dir)
+    samples = tokenize(texts, tokenizer, config.eval_seq_len)
+    model = load_for_eval(model_dir)
+    reference = load_for_eval(reference_dir) if reference_dir is not None else None
+
+    nll = ref_nll = kl = agree = 0.0
+    tokens = 0
+    with torch.inference_mode():
+        for ids in tqdm(samples, desc="evaluating", unit="sample", leave=False):
+            inputs = torch.tensor([ids])
+            targets = inputs[0, 1:]
+            logp = F.log_softmax(model(inputs).logits[0, :-1].float(), dim=-1)
+            nll += -logp.gather(1, targets[:, None]).sum().item()
+            tokens += len(targets)
+            if reference is not None:
+                ref_logp = F.log_softmax(reference(inputs).logits[0, :-1].float(), dim=-1)
+                ref_nll += -ref_logp.gather(1, targets[:, None]).sum().item()
+                kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+                agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    quality = Quality(eval_data=data_info(name, texts, num_tokens=tokens), perplexity=math.exp(nll / tokens))
+    if reference is not None:
+        quality.perplexity_source = math.exp(ref_nll / tokens)
+        quality.mean_kl = max(kl / tokens, 0.0)
+        quality.top1_agreement = agree / tokens
+    log.info("evaluation of %s: %s", model_dir, quality.model_dump(exclude={"eval_data", "extra"}))
+    return quality

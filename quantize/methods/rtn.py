@@ -1,0 +1,27 @@
+"""Round-to-nearest through llm-compressor's `QuantizationModifier` (min-max observer, no calibration data):
+the honest baseline, in the same compressed-tensors format as AWQ and GPTQ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quantize.config import RtnConfig
+from quantize.methods.oneshot import IGNORED_MODULES, run_oneshot, weight_scheme
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def recipe(config: RtnConfig) -> list[Any]:
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    scheme = weight_scheme(config.bits, config.group_size, symmetric=config.symmetric)
+    return [QuantizationModifier(config_groups={"group_0": scheme}, ignore=IGNORED_MODULES)]
+
+
+def quantize(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: None, out: Path, config: RtnConfig
+) -> None:
+    """Data-free: `dataset` is always None (same signature as the calibrated methods)."""
+    run_oneshot(model, tokenizer, recipe(config), out, dataset=dataset)
