@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from pydantic import Field, model_validator
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -218,6 +219,7 @@ def _texts(config: DistillConfig) -> tuple[list[str], list[str]]:
 def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
     """Distil `config.teacher` into a student and write the student to `output_dir` (created; must not
     exist or be empty)."""
+    set_seed(config.loop.seed)  # student init and projections are random: same seed, same run
     teacher_config = read_config(config.teacher)
     tokenizer = load_tokenizer(config.teacher)
     teacher = load_causal_lm(config.teacher, dtype=torch.float32)

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from pydantic import BaseModel
 
 from core.artifact import (
@@ -87,6 +88,7 @@ def train_lora(
         else None
     )
     train_set, eval_set = _split(records, held_out, cfg.heldout_every)
+    set_seed(recipe.loop.seed)  # LoRA A matrices are initialised randomly: same seed, same adapter
     base = load_causal_lm(model, dtype=torch.float32)
     lora = recipe.lora
     peft_model = get_peft_model(
