@@ -91,9 +91,9 @@ def test_errors_are_one_line_with_status_2(tiny_model_dir: Path, tmp_path: Path)
     assert run.returncode == 2
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: recipe") and "loop.max_steps" in last and "loop.unknown" in last
+    flags = ["--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o")]
     refused = subprocess.run(
-        [sys.executable, "-m", "train.cli", "lora", "--model", str(tiny_model_dir), "--data", str(data)]
-        + ["--output", str(tmp_path / "o")],
+        [sys.executable, "-m", "train.cli", "lora", *flags],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -104,9 +104,9 @@ def test_errors_are_one_line_with_status_2(tiny_model_dir: Path, tmp_path: Path)
 
 
 def test_estimate_memory_command(tiny_model_dir: Path) -> None:
+    flags = ["--model", str(tiny_model_dir), "--method", "full", "--seq-len", "128", "--batch", "2", "--json"]
     run = subprocess.run(
-        [sys.executable, "-m", "train.cli", "estimate-memory", "--model", str(tiny_model_dir)]
-        + ["--method", "full", "--seq-len", "128", "--batch", "2", "--json"],
+        [sys.executable, "-m", "train.cli", "estimate-memory", *flags],
         capture_output=True,
         text=True,
         check=True,
