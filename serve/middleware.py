@@ -23,10 +23,6 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
-class _TooLarge(Exception):
-    pass
-
-
 async def _send_error(send: Send, err: OpenAIError) -> None:
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -60,16 +56,6 @@ class APIMiddleware:
             await send(message)
 
         limit = self.state.settings.max_request_body_bytes
-        received = 0
-
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _TooLarge
-            return message
 
         self.state.in_flight += 1
         try:
@@ -80,11 +66,13 @@ class APIMiddleware:
             if declared is not None and declared > limit:
                 await _send_error(send_wrapper, _too_large(limit))
                 return
-            try:
-                await self.app(scope, receive_limited, send_wrapper)
-            except _TooLarge:
-                if not status["started"]:
+            if declared is None:  # chunked: read it all (up to the limit) before the app sees it
+                body = await _read_body(receive, limit)
+                if body is None:
                     await _send_error(send_wrapper, _too_large(limit))
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_wrapper)
         finally:
             self.state.in_flight -= 1
             for callback in cleanup:
@@ -93,6 +81,37 @@ class APIMiddleware:
             model = scope["state"].get("model") or ""
             label = self.state.model_label(model) if model else ""
             metrics.HTTP_REQUESTS.labels(endpoint, label, str(status["code"])).inc()
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it exceeds `limit` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        parts.append(message.get("body", b""))
+        size += len(parts[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            break
+    return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that yields `body` once, then defers to the real one (for disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _too_large(limit: int) -> OpenAIError:

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from core.settings import StackSettings, placeholder_reason
@@ -104,31 +104,26 @@ class ServeSettings(StackSettings):
             names.add(name)
         return specs
 
-    @model_validator(mode="after")
-    def _keys_are_real(self) -> ServeSettings:
-        problems = [
-            f"API key #{i + 1}: {r}" for i, k in enumerate(self.api_key) if (r := placeholder_reason(k))
-        ]
-        problems += [
-            f"admin API key #{i + 1}: {r}"
-            for i, k in enumerate(self.admin_api_key)
-            if (r := placeholder_reason(k))
-        ]
-        if self.api_keys_file is not None:
+    @field_validator("api_key")
+    @classmethod
+    def _keys_are_real(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        _refuse_placeholders([(f"API key #{i + 1}", k.get_secret_value()) for i, k in enumerate(keys)])
+        return keys
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _file_keys_are_real(cls, path: Path | None) -> Path | None:
+        if path is not None:
             try:
-                entries = parse_keys_file(self.api_keys_file.read_text())
+                entries = parse_keys_file(path.read_text())
             except OSError as err:
-                raise ValueError(
-                    f"cannot read the API keys file {self.api_keys_file}: {err.strerror}"
-                ) from None
-            problems += [
-                f"key {name!r} in {self.api_keys_file}: {r}"
-                for name, key in entries
-                if (r := placeholder_reason(key))
-            ]
-        if problems:
-            raise ValueError("refusing placeholder API keys: " + "; ".join(problems))
-        return self
+                raise ValueError(f"cannot read the API keys file {path}: {err.strerror}") from None
+            if not entries:
+                raise ValueError(f"the API keys file {path} holds no key")
+            _refuse_placeholders(
+                [(f"key {name or i + 1!r} in {path}", k) for i, (name, k) in enumerate(entries)]
+            )
+        return path
 
     def adapters(self) -> dict[str, Path]:
         """The `--lora-modules` specs as {name: path}, in the order given."""
@@ -141,6 +136,12 @@ class ServeSettings(StackSettings):
             or self.lora_dir is not None
             or self.lora_registry is not None
         )
+
+
+def _refuse_placeholders(keys: list[tuple[str, str]]) -> None:
+    problems = [f"{where}: {reason}" for where, key in keys if (reason := placeholder_reason(key))]
+    if problems:
+        raise ValueError("refusing placeholder API keys: " + "; ".join(problems))
 
 
 def parse_keys_file(text: str) -> list[tuple[str | None, str]]:

@@ -1,0 +1,134 @@
+"""The HTTP layer on a small deterministic fake engine: paths a real engine cannot be made to take on demand
+(an engine failure after the 200 was sent) and body-limit details. Every feature is also tested end to end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from core.models import load_tokenizer
+from serve.app import build_app
+from serve.engine.protocol import ChoiceDelta, EngineOutput
+from serve.settings import ServeSettings
+
+
+class FakeEngine:
+    """Emits the token "x" `length` times per request; raises after `fail_after` outputs when set."""
+
+    def __init__(self, tokenizer: Any, fail_after: int | None = None) -> None:
+        self._tokenizer = tokenizer
+        self.fail_after = fail_after
+        self.aborted: list[str] = []
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return 64
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: Any, lora: Any = None
+    ) -> AsyncGenerator[EngineOutput, None]:
+        length = params.max_tokens
+        for step in range(length):
+            if self.fail_after is not None and step == self.fail_after:
+                raise RuntimeError("engine exploded")
+            last = step == length - 1
+            delta = ChoiceDelta(0, "x", (7,), None, "length" if last else None)
+            yield EngineOutput(len(prompt_token_ids), (delta,), last)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def add_lora(self, lora: Any) -> bool:
+        return True
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return True
+
+    async def list_loras(self) -> set[int]:
+        return set()
+
+    async def check_health(self) -> None:
+        return None
+
+    def num_unfinished_requests(self) -> int:
+        return 0
+
+    def kv_cache_usage(self) -> float | None:
+        return 0.25
+
+    def shutdown(self) -> None:
+        return None
+
+
+@pytest.fixture
+def engine(tiny_model_dir: Path) -> FakeEngine:
+    return FakeEngine(load_tokenizer(tiny_model_dir))
+
+
+@pytest.fixture
+def client(engine: FakeEngine) -> Iterator[TestClient]:
+    settings = ServeSettings(model="/models/fake", served_model_name="fake", max_request_body_bytes=2048)
+    with TestClient(build_app(settings, engine), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+def test_non_stream_usage_counts_tokens(client: TestClient) -> None:
+    body = client.post("/v1/chat/completions", json=CHAT).json()
+    assert body["choices"][0]["message"]["content"] == "xxxxx"
+    assert body["usage"]["completion_tokens"] == 5
+
+
+def test_error_after_the_200_is_an_error_frame_then_done(client: TestClient, engine: FakeEngine) -> None:
+    engine.fail_after = 2
+    reply = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert reply.status_code == 200
+    frames = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    error = json.loads(frames[-2])
+    assert set(error) == {"error"} and error["error"]["type"] == "internal_error"
+    contents = [json.loads(f)["choices"][0]["delta"].get("content") for f in frames[:-2]]
+    assert contents == ["", "x", "x"]
+    assert len(engine.aborted) == 1, "the failed request is aborted in the engine"
+
+
+def test_engine_failure_without_stream_is_a_500(client: TestClient, engine: FakeEngine) -> None:
+    engine.fail_after = 0
+    reply = client.post("/v1/completions", json={"model": "fake", "prompt": "hi"})
+    assert reply.status_code == 500
+    assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_unknown_fields_are_refused(client: TestClient) -> None:
+    reply = client.post("/v1/chat/completions", json={**CHAT, "temprature": 0.5})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "temprature"
+
+
+def test_chunked_body_over_the_limit_is_413(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "fake", "prompt": "'
+        for _ in range(10):
+            yield b"y" * 512
+        yield b'"}'
+
+    reply = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert reply.status_code == 413
+    assert reply.json()["error"]["code"] == "request_too_large"
+
+
+def test_metrics_expose_kv_cache_usage(client: TestClient) -> None:
+    text = client.get("/metrics").text
+    assert "llmstack:kv_cache_usage_perc 0.25" in text
+    assert "llmstack:num_requests_running 0.0" in text
