@@ -61,8 +61,13 @@ lint: $(SERVE_ENV)/.installed
 typecheck: $(SERVE_ENV)/.installed
 	$(SERVE_ENV)/bin/mypy
 
+# Validation tools that are not Python packages (promtool), fetched once into .cache/tools/ (idempotent).
+.PHONY: tools
+tools:
+	tools/fetch-promtool.sh
+
 # Toolchain tests run in the toolchain environment, everything else in the serving environment.
-pytest: envs
+pytest: envs tools
 	$(QUANT_PY) -m pytest tests/unit/quantize $(PYTEST_ARGS)
 	$(SERVE_PY) -m pytest tests --ignore=tests/unit/quantize $(PYTEST_ARGS)
 
