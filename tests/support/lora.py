@@ -43,7 +43,7 @@ def build_lora_adapter(
             if "lora_A" in name or "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(str(out_dir))
     return Path(out_dir)
 
 
