@@ -187,11 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description} (default: {default!r})"
+        shown = "" if default is None or default == [] else f" (default: {default})"
+        help_text = f"{field.description}{shown}"
         if _is_bool(field.annotation):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif _is_list(field.annotation):
-            parser.add_argument(flag, dest=name, nargs="+", action="extend", metavar="VALUE", help=help_text)
+            metavar = name.removesuffix("s").upper()
+            parser.add_argument(flag, dest=name, nargs="+", action="extend", metavar=metavar, help=help_text)
+        elif typing.get_origin(field.annotation) is Literal:
+            parser.add_argument(flag, dest=name, choices=typing.get_args(field.annotation), help=help_text)
         else:
             parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
     return parser

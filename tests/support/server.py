@@ -16,10 +16,11 @@ Usage (stable interface; other packages' e2e tests rely on it)::
             yield running
 
 `start_server(model, *args, env=None, log_dir=None, startup_timeout=240.0, stop_timeout=60.0)`:
-- runs `python -m serve.cli --model MODEL --host 127.0.0.1 --port <free port> *ARGS` with this interpreter;
+- runs `python -m serve.cli --model MODEL --host 127.0.0.1 --port <free port> *ARGS` (this interpreter);
 - `env` entries are added to (and override) the inherited environment; defaults set when absent:
-  `VLLM_ENABLE_V1_MULTIPROCESSING=0` (engine in-process), `VLLM_CPU_KVCACHE_SPACE=1`, `VLLM_HOST_IP=127.0.0.1`,
-  `VLLM_NO_USAGE_STATS=1`, `HF_HUB_OFFLINE=1`;
+  `VLLM_ENABLE_V1_MULTIPROCESSING=0`, `VLLM_CPU_KVCACHE_SPACE=1`, `VLLM_HOST_IP=127.0.0.1`,
+  `VLLM_NO_USAGE_STATS=1`, `HF_HUB_OFFLINE=1` (in vLLM 0.32 the multiprocessing switch only affects `LLM`:
+  `AsyncLLM` always runs its engine core in a child process, which the AMX plugin covers);
 - waits until `GET /ready` answers 200 (raises `ServerError` with the log's tail if the process exits or the
   timeout passes);
 - yields a `RunningServer`: `url` (base URL, e.g. http://127.0.0.1:41234), `openai_url` (`url + "/v1"`),
@@ -110,7 +111,9 @@ def start_server(
     command = [sys.executable, "-m", "serve.cli", "--model", str(model), "--host", "127.0.0.1"]
     command += ["--port", str(port), *args]
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
     try:
         _wait_ready(server, startup_timeout)
