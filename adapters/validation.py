@@ -2,7 +2,8 @@
 
 Checks, in order, each refusal an `AdapterError` naming the adapter and the reason:
 1. the folder holds a readable `adapter_config.json` of a LoRA (`peft.LoraConfig`), no DoRA;
-2. the base model matches (see `check_base`);
+2. an adapter artifact (with `artifact.json`) matches its file digests, and the base model matches (see
+   `check_base`);
 3. rank (`r` and every `rank_pattern` value) ≤ `max_lora_rank`;
 4. every target module names at least one linear layer of the base;
 5. the weights file reads completely (a truncated file is refused), every tensor is finite, belongs to a
@@ -21,7 +22,7 @@ from typing import Any
 from adapters.base import BaseModelProfile, LinearShape
 from adapters.discovery import ADAPTER_CONFIG
 from adapters.errors import AdapterError
-from core.artifact import MANIFEST_NAME, folder_digest, read_manifest
+from core.artifact import MANIFEST_NAME, folder_digest, verify_artifact
 from core.errors import StackError
 
 log = logging.getLogger(__name__)
@@ -91,16 +92,16 @@ def read_lora_config(path: Path) -> Any:
 def check_base(adapter_dir: Path, declared: str | None, base: BaseModelProfile) -> None:
     """Refuse an adapter made for another base model.
 
-    What identifies the base, strongest first: the adapter's own `artifact.json` (written by `train`)
-    records the digest of the model it was trained on, which must be the served model's or its source's;
-    otherwise `base_model_name_or_path` matches if it is the served name, the served folder or the
-    served artifact's source path; if it is another local model folder, their digests must match (a copy
-    of the same model is accepted); a hub-style name matches the served name or folder name. A missing
-    base name is accepted on shapes alone (with a warning).
+    What identifies the base, strongest first: the adapter's own `artifact.json` (written by `train`; its
+    file digests are verified first) records the digest of the model it was trained on, which must be the
+    served model's or its source's; otherwise `base_model_name_or_path` matches if it is the served name,
+    the served folder or the served artifact's source path; if it is another local model folder, their
+    digests must match (a copy of the same model is accepted); a hub-style name matches the served name or
+    folder name. A missing base name is accepted on shapes alone (with a warning).
     """
     if (adapter_dir / MANIFEST_NAME).is_file():
         try:
-            source = read_manifest(adapter_dir).source
+            source = verify_artifact(adapter_dir).source
         except StackError as err:
             raise AdapterError(f"adapter {adapter_dir}: {err}") from None
         if source is not None:

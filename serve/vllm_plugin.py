@@ -72,6 +72,7 @@ def skip_no_lora_rows(op: Callable[..., Any]) -> Callable[..., Any]:
         *args: Any,
         **kwargs: Any,
     ) -> Any:
+        # No data-dependent branch ("skip if no index is -1"): the op must stay traceable by torch.compile.
         no_lora = (lora_indices_tensor < 0).unsqueeze(-1)
         inputs = torch.where(no_lora, torch.zeros((), dtype=inputs.dtype), inputs)
         return op(inputs, lora_weights, output_tensor, lora_indices_tensor.clamp(min=0), *args, **kwargs)

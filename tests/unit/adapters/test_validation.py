@@ -90,7 +90,8 @@ def test_manifest_source_digest_decides(
         write_artifact(dest, populate)
         return dest
 
-    assert validate_adapter(artifact(tmp_path / "ok", tiny_model_dir), profile, max_lora_rank=8).rank == 8
+    good = artifact(tmp_path / "ok", tiny_model_dir)
+    assert validate_adapter(good, profile, max_lora_rank=8).rank == 8
     with pytest.raises(AdapterError, match="was trained on elsewhere"):
         validate_adapter(artifact(tmp_path / "bad", tiny_model_dir_b), profile, max_lora_rank=8)
 
@@ -158,3 +159,18 @@ def test_missing_files_are_refused(good_adapter: Path, profile: BaseModelProfile
     (bad / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError, match="has no weights file"):
         validate_adapter(bad, profile, max_lora_rank=8)
+
+
+def test_an_adapter_artifact_with_an_altered_file_is_refused(
+    good_adapter: Path, profile: BaseModelProfile, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    def populate(tmp: Path) -> ManifestDraft:
+        for f in good_adapter.iterdir():
+            shutil.copy(f, tmp / f.name)
+        return ManifestDraft(kind="lora", source=SourceModel(path="x", digest=folder_digest(tiny_model_dir)))
+
+    adapter = tmp_path / "artifact"
+    write_artifact(adapter, populate)
+    _edit_config(adapter, lora_alpha=32)
+    with pytest.raises(AdapterError, match=r"is corrupt: file adapter_config\.json has sha256"):
+        validate_adapter(adapter, profile, max_lora_rank=8)
