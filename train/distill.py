@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -243,26 +244,24 @@ def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log.info("distilling on %d samples, %d held out", len(train_data), len(eval_data))
 
-    task = _build_task(config, teacher, student, train_data, eval_data, pad_id, hard_labels_only=False)
-    work = config.work_dir / "distill" if config.work_dir else None
-    result = train(task, config.loop, work, resume=config.resume)
-    teacher_loss = _heldout_loss(teacher, eval_data, pad_id)
-
-    hard_loss = None
-    if initial_student is not None:
-        hard_task = _build_task(
-            config, teacher, initial_student, train_data, eval_data, pad_id, hard_labels_only=True
-        )
-        hard_work = config.work_dir / "hard_labels" if config.work_dir else None
-        hard_loss = train(hard_task, config.loop, hard_work, resume=config.resume).final_eval_loss
-
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="distill-") as tmp:
+        work_root = config.work_dir or Path(tmp)
+        task = _build_task(config, teacher, student, train_data, eval_data, pad_id, hard_labels_only=False)
+        result = train(task, config.loop, work_root / "distill", resume=config.resume)
+        teacher_loss = _heldout_loss(teacher, eval_data, pad_id)
+        hard_loss = None
+        if initial_student is not None:
+            hard_task = _build_task(
+                config, teacher, initial_student, train_data, eval_data, pad_id, hard_labels_only=True
+            )
+            hard_result = train(hard_task, config.loop, work_root / "hard_labels", resume=config.resume)
+            hard_loss = hard_result.final_eval_loss
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name in (LOG_NAME, PLOT_NAME):
+            shutil.copy2(work_root / "distill" / name, output_dir / name)
     student.to(getattr(torch, str(save_dtype).removeprefix("torch.")))
     student.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    if work is not None and result.log_path is not None:
-        for name in (LOG_NAME, PLOT_NAME):
-            shutil.copy2(work / name, output_dir / name)
     return DistillResult(
         heldout_loss=result.final_eval_loss,
         heldout_loss_initial=result.initial_eval_loss
