@@ -13,6 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from train.checkpoint import list_checkpoints
 from train.config import LoopConfig, OptimConfig
+from train.guard import SpikeDetector
 from train.loop import TrainingError, causal_lm_loss_sum, train
 from train.precision import resolve_precision
 
@@ -175,3 +176,46 @@ def test_reports_log_plot_breakdown_and_mfu(make_task, tmp_path: Path) -> None:
     assert epoch.mfu is not None
     assert epoch.mfu == pytest.approx(epoch.tokens_per_s * 6 * n_params / 1e12, rel=1e-3)
     assert {"loss", "lr", "grad_norm", "tokens"} <= set(log["history"][0])
+
+
+def test_spike_detector_flags_outliers_only() -> None:
+    detector = SpikeDetector(window=10, zscore=4.0)
+    noisy = [2.0 + 0.05 * math.sin(i) for i in range(20)]
+    assert [detector.update(x) for x in noisy] == [None] * 20
+    assert detector.update(3.0) is not None  # far above the window's mean
+    assert detector.update(2.0) is None
+
+
+def test_loss_spike_is_reported_in_the_run(make_task) -> None:
+    calls = {"n": 0}
+
+    def spiky(model, batch):
+        calls["n"] += 1
+        loss, tokens = causal_lm_loss_sum(model, batch)
+        return (loss * 10 if calls["n"] == 12 else loss), tokens
+
+    result = train(
+        make_task(spiky, eval_loss_fn=causal_lm_loss_sum), loop_config(max_steps=14, spike_window=8)
+    )
+    spikes = [e for e in result.events if e["event"] == "loss_spike"]
+    assert [e["step"] for e in spikes] == [12]
+
+
+def test_checkpoint_write_is_atomic(make_task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while writing a checkpoint leaves the previous ones intact and no partial folder."""
+    config = loop_config(max_steps=4, checkpoint_every=2)
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def failing_save(obj, path, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 5:  # steps 0 and 2 write 2 files each; step 4's first file is written, then fails
+            real_save(obj, path, *args, **kwargs)
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(make_task(), config, tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000000", "step-00000002"]
