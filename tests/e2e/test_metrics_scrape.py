@@ -17,11 +17,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.lora import build_lora_adapter
-from tests.support.server import RunningServer, start_server
-from tests.unit.deploy.tools import promtool
+from tests.support.server import RunningServer, free_port, start_server
+from tests.unit.deploy.promql import dashboard_queries, load_dashboard
+from tests.unit.deploy.tools import REPO_ROOT, prometheus, promtool
 
 BASE = "tiny"
 ADAPTER = "ad1"
@@ -36,6 +38,14 @@ HISTOGRAMS = (
     "request_prompt_tokens",
     "request_generation_tokens",
 )
+# Prometheus has scraped the server successfully at least 4 times (rate() needs 2 samples or more).
+SCRAPED = 'min_over_time(up{job="llmstack"}[1m]) == 1 and count_over_time(up{job="llmstack"}[1m]) >= 4'
+GAUGES = {
+    "llmstack:num_requests_running",
+    "llmstack:num_requests_waiting",
+    "llmstack:kv_cache_usage_perc",
+    "llmstack:lora_adapters_loaded",
+}
 # Every series the lead fixed for the server; histograms by their `_count`.
 REQUIRED = {
     "llmstack:http_requests_total",
@@ -78,6 +88,17 @@ class Scrape:
 
     def names(self) -> set[str]:
         return {n for n, _, _ in self.samples}
+
+    def since(self, before: Scrape) -> Scrape:
+        """Counters and histograms as their increase since `before`; gauges as they are now."""
+        old = {(n, tuple(sorted(lab.items()))): v for n, lab, v in before.samples}
+        return Scrape(
+            self.text,
+            [
+                (n, lab, v if n in GAUGES else v - old.get((n, tuple(sorted(lab.items()))), 0.0))
+                for n, lab, v in self.samples
+            ],
+        )
 
     def buckets(self, name: str, model: str) -> dict[float, float]:
         return {
@@ -151,10 +172,12 @@ def settled_scrape(server: RunningServer, timeout: float = 10.0) -> Scrape:
 
 
 def test_scrape_after_mixed_traffic(server: RunningServer) -> None:
+    before = settled_scrape(server)
     traffic = drive(server)
-    result = settled_scrape(server)
+    after = settled_scrape(server)
+    result = after.since(before)  # other tests of this module may have sent requests first
 
-    missing = REQUIRED - result.names()
+    missing = REQUIRED - after.names()
     assert not missing, f"missing from /metrics: {sorted(missing)}"
     assert result.value("llmstack:num_requests_running") == 0
     assert result.value("llmstack:num_requests_waiting") == 0
@@ -201,7 +224,7 @@ def test_scrape_after_mixed_traffic(server: RunningServer) -> None:
         if max(completions) > 1:
             assert itl_count > 0, model
 
-    check_with_promtool(result.text)
+    check_with_promtool(after.text)
 
 
 def promtool_findings(text: str) -> list[str]:
@@ -231,3 +254,57 @@ def check_with_promtool(text: str) -> None:
     assert own.count("# TYPE llmstack:") >= 14
     other = [f for f in promtool_findings(own) if not colon.fullmatch(f)]
     assert not other, "\n".join(other)
+
+
+def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """The real Prometheus (same Debian package as promtool) runs docker/prometheus.yml, pointed at this
+    server, scrapes it, and answers every dashboard query with data (5xx ratio aside: no 5xx happened)."""
+    drive(server)
+    missing_model = httpx.post(
+        f"{server.openai_url}/chat/completions", json={"model": "no-such-model", "messages": CHAT}, timeout=30
+    )
+    assert missing_model.status_code == 404
+    port = free_port()
+    config = yaml.safe_load((REPO_ROOT / "docker" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    here = {"server:8000": server.url.removeprefix("http://"), "localhost:9090": f"127.0.0.1:{port}"}
+    for job in config["scrape_configs"]:
+        for static in job["static_configs"]:
+            static["targets"] = [here[t] for t in static["targets"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    command = [str(prometheus()), f"--config.file={tmp_path / 'prometheus.yml'}"]
+    command += [f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"]
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api/v1/query"
+
+    def query(expr: str) -> list[dict[str, object]]:
+        body = httpx.get(api, params={"query": expr}, timeout=10).json()
+        assert body["status"] == "success", (expr, body)
+        result: list[dict[str, object]] = body["data"]["result"]
+        return result
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # rate() needs a few samples of every series
+            try:
+                if query(SCRAPED):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-3000:]
+            time.sleep(0.5)
+        empty = []
+        for path in sorted((REPO_ROOT / "grafana" / "dashboards").glob("*.json")):
+            for q in dashboard_queries(load_dashboard(path)):
+                if not query(q.expr) and 'status=~"5.."' not in q.expr:
+                    empty.append(f"{q.panel}/{q.ref}: {q.expr}")
+        assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+        models = {str(r["metric"]["model"]) for r in query("llmstack:http_requests_total")}  # type: ignore[index]
+        assert {BASE, ADAPTER} <= models
+    finally:
+        process.terminate()
+        process.wait(30)

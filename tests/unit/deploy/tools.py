@@ -40,3 +40,11 @@ def promtool() -> Path:
     if on_path is None:
         pytest.skip("promtool not found: run tools/fetch-promtool.sh (needs apt-get and dpkg-deb)")
     return Path(on_path)
+
+
+def prometheus() -> Path:
+    """The Prometheus server from the same Debian package as promtool (tools/fetch-promtool.sh)."""
+    found = promtool().parent / "prometheus"
+    if not found.is_file():
+        pytest.skip(f"prometheus not found next to promtool ({found}): run tools/fetch-promtool.sh")
+    return found
