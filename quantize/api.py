@@ -8,9 +8,10 @@ held-out evaluation of the result against its source, measured on the files as w
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.artifact import (
     ArtifactKind,
@@ -24,7 +25,8 @@ from core.artifact import (
     tool_versions,
     write_artifact,
 )
-from core.models import check_architecture, load_causal_lm, load_tokenizer, resolve_model_dir
+from core.errors import ConfigError
+from core.models import check_architecture, load_causal_lm, load_tokenizer, read_config, resolve_model_dir
 from quantize import eval as evaluation
 from quantize.calibration import calibration_dataset, load_samples
 from quantize.config import (
@@ -37,6 +39,9 @@ from quantize.config import (
     RtnConfig,
 )
 
+if TYPE_CHECKING:
+    from train.distill import DistillConfig
+
 log = logging.getLogger(__name__)
 TOOLS = ("llmcompressor", "compressed-tensors", "transformers", "torch", "bitsandbytes", "peft", "accelerate")
 
@@ -45,6 +50,25 @@ def _check_source(model: Path) -> Path:
     folder = resolve_model_dir(model)
     check_architecture(folder)
     return folder
+
+
+def _check_group_size(source: Path, group_size: int) -> None:
+    """Every quantized Linear's input width must be a multiple of the group size (compressed-tensors and
+    vLLM's kernels need whole groups); refuse before any work."""
+    config = read_config(source)
+    heads = config.get("num_attention_heads", 0)
+    widths = {
+        "hidden_size": config.get("hidden_size"),
+        "intermediate_size": config.get("intermediate_size"),
+        "attention width": (config.get("head_dim") or config.get("hidden_size", 0) // max(heads, 1)) * heads,
+    }
+    known = {name: width for name, width in widths.items() if isinstance(width, int) and width}
+    for name, width in known.items():
+        if width % group_size:
+            raise ConfigError(
+                f"group size {group_size} does not divide the model's {name} ({width}); "
+                f"choose a divisor of {math.gcd(*known.values())}"
+            )
 
 
 def _produce(
@@ -56,13 +80,15 @@ def _produce(
     data: DataInfo | None,
     eval_config: EvalConfig,
     overwrite: bool,
+    extra: dict[str, float] | None = None,
 ) -> Manifest:
-    """Run `write(tmp)` (returns the method parameters), evaluate the result against `source`, and commit
-    the artifact with its manifest."""
+    """Run `write(tmp)` (returns the method parameters and may fill `extra`, method-specific figures),
+    evaluate the result against `source`, and commit the artifact with its manifest."""
 
     def populate(tmp: Path) -> ManifestDraft:
         parameters = write(tmp)
         quality = evaluation.evaluate(tmp, reference_dir=source, config=eval_config)
+        quality.extra.update(extra or {})
         return ManifestDraft(
             kind=kind,
             source=SourceModel(path=str(source), digest=folder_digest(source)),
@@ -94,6 +120,7 @@ def _weight_quantization(
 ) -> Manifest:
     source = _check_source(model)
     check_destination(output, overwrite=overwrite)
+    _check_group_size(source, config.group_size)
     calibration = getattr(config, "calibration", None)
     dataset, data = _calibration(source, calibration) if calibration is not None else (None, None)
 
@@ -197,6 +224,47 @@ def merge_lora(
     return _produce(
         "merged", source, output, lambda tmp: method.merge(source, tmp, config),
         data=None, eval_config=eval_config or EvalConfig(), overwrite=overwrite,
+    )  # fmt: skip
+
+
+def distill(
+    config: DistillConfig,
+    output: Path,
+    *,
+    eval_config: EvalConfig | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Distil `config.teacher` into a student with the training backend's loop (`train.distill`), then
+    evaluate the student against the teacher. The held-out losses `train.distill` measures (distilled,
+    initial, teacher and, with `compare_hard_labels`, the same student trained on hard labels only) go into
+    the manifest's `quality.extra`."""
+    from core.textdata import data_info, load_texts
+    from train.distill import distill as run_distill
+
+    teacher = _check_source(config.teacher)
+    if config.student is not None:
+        _check_source(config.student)
+    check_destination(output, overwrite=overwrite)
+    texts, name = load_texts(config.data, split="train")
+    if config.eval_data is not None:
+        load_texts(config.eval_data, split="heldout")
+
+    def write(tmp: Path) -> dict[str, Any]:
+        result = run_distill(config, tmp)
+        log.info("distillation: %s", result.model_dump())
+        losses.update(
+            {k: v for k, v in result.model_dump().items() if k.startswith("heldout_loss") and v is not None}
+        )
+        return {
+            "method": "distill",
+            **config.model_dump(mode="json", exclude={"work_dir", "resume"}),
+            "result": result.model_dump(),
+        }
+
+    losses: dict[str, float] = {}
+    return _produce(
+        "distilled", teacher, output, write, data=data_info(name, texts),
+        eval_config=eval_config or EvalConfig(), overwrite=overwrite, extra=losses,
     )  # fmt: skip
 
 

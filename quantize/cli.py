@@ -15,7 +15,7 @@ import typer
 from pydantic import BaseModel
 
 from core.artifact import Manifest, Quality
-from core.errors import StackError
+from core.errors import ConfigError, StackError
 from quantize.config import (
     AwqConfig,
     CalibrationConfig,
@@ -73,6 +73,21 @@ def _report(output: Path, manifest: Manifest) -> None:
     figures = manifest.quality.model_dump(exclude={"eval_data"}, exclude_none=True)
     typer.echo(f"wrote {manifest.kind} artifact {output}")
     typer.echo(json.dumps(figures, indent=2, sort_keys=True))
+
+
+def _recipe_mapping(path: Path) -> dict[str, Any]:
+    """A YAML recipe's settings (validated later, together with the flags that override them)."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of settings")
+    return raw
 
 
 def _eval_config(eval_data: str | None, eval_samples: int, eval_seq_len: int) -> EvalConfig:
@@ -216,6 +231,59 @@ def merge_lora(
         config = validated(MergeLoraConfig, adapters=adapter, weights=weights or None, force=force)
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
         _report(output, api.merge_lora(base, output, config, eval_config=eval_config, overwrite=overwrite))
+    except StackError as err:
+        raise _fail(err) from None
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="Teacher model folder.")],
+    output: Output,
+    data: Annotated[
+        str | None, typer.Option(help="Training text: .txt/.jsonl file; default: the built-in corpus.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Distillation recipe (YAML, e.g. train/recipes/distill.yaml).")
+    ] = None,
+    student: Annotated[Path | None, typer.Option(help="Student model folder (same tokenizer).")] = None,
+    student_layers: Annotated[
+        int | None, typer.Option(help="Without --student: keep the teacher's first N layers.")
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="Weight of the KL term; 1 - alpha for CE.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature of the KL term.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,
+    max_samples: Annotated[int | None, typer.Option(help="Use at most this many training texts.")] = None,
+    compare_hard_labels: Annotated[
+        bool,
+        typer.Option(help="Also train the same student on hard labels only and report its held-out loss."),
+    ] = True,
+    eval_data: EvalData = None,
+    eval_samples: EvalSamples = EVAL_SAMPLES,
+    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+    overwrite: Overwrite = False,
+) -> None:
+    """Logit distillation (temperature-scaled KL + hard-label CE) with the training backend's loop."""
+    from quantize import api
+    from train.distill import DistillConfig
+
+    try:
+        settings = _recipe_mapping(config) if config else {}
+        flags = {
+            "teacher": teacher,
+            "data": data,
+            "student": student,
+            "student_layers": student_layers,
+            "alpha": alpha,
+            "temperature": temperature,
+            "max_samples": max_samples,
+            "compare_hard_labels": compare_hard_labels,
+        }
+        settings.update({k: v for k, v in flags.items() if v is not None})
+        if max_steps is not None:
+            settings["loop"] = {**settings.get("loop", {}), "max_steps": max_steps}
+        distill_config = validated(DistillConfig, **settings)
+        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
+        _report(output, api.distill(distill_config, output, eval_config=eval_config, overwrite=overwrite))
     except StackError as err:
         raise _fail(err) from None
 

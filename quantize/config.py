@@ -131,7 +131,7 @@ class MergeLoraConfig(Strict):
         return self
 
 
-C = TypeVar("C", bound=Strict)
+C = TypeVar("C", bound=BaseModel)
 
 
 def validated(model: type[C], **values: object) -> C:

@@ -6,13 +6,17 @@ base is refused unless forced, because merging would bake its quantization error
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError, ModelLoadError
 from core.models import load_causal_lm, load_tokenizer, read_config
 from quantize.config import MergeLoraConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -64,6 +68,8 @@ def merge(base: Path, out: Path, config: MergeLoraConfig) -> dict[str, Any]:
         for name in names:
             peft_model.delete_adapter(name)
     merged = peft_model.merge_and_unload()
+    if quantization_method(base) is not None:
+        merged = _plain_copy(merged)
     merged.save_pretrained(out)
     load_tokenizer(base).save_pretrained(out)
     log.info("merged %d adapter(s) into %s", len(names), out)
@@ -72,3 +78,16 @@ def merge(base: Path, out: Path, config: MergeLoraConfig) -> dict[str, Any]:
         "weights": weights,
         "base_quantization": quantization_method(base),
     }
+
+
+def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a model built without any quantization config (a dequantized model still carries
+    its loader's weight conversions, which `save_pretrained` cannot reverse)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain

@@ -38,7 +38,8 @@ def gptq_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
     from quantize.config import GptqConfig
 
     out = artifacts_root / "gptq"
-    api.gptq(tiny_model_dir, out, GptqConfig(group_size=GROUP_SIZE, calibration=CALIBRATION), eval_config=EVAL)
+    config = GptqConfig(group_size=GROUP_SIZE, calibration=CALIBRATION)
+    api.gptq(tiny_model_dir, out, config, eval_config=EVAL)
     return out
 
 
