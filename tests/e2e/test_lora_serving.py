@@ -99,7 +99,7 @@ class Traffic:
         self.stop = threading.Event()
         self.done = 0
         self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(3)]
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(2)]
 
     def _run(self, offset: int) -> None:
         i = offset
@@ -212,7 +212,7 @@ def test_corrupt_adapter_is_refused_while_serving_goes_on(
 def test_runtime_load_and_unload_under_concurrent_requests(
     server: RunningServer, client: openai.OpenAI, alone: dict[tuple[str, str], str], adapters: Adapters
 ) -> None:
-    with Traffic(client, alone, [BASE, "a1", "a2", "a4"]) as traffic:
+    with Traffic(client, alone, [BASE, "a1", "a2"]) as traffic:
         loaded = admin(server, "POST", "/v1/adapters", json={"name": "a5", "path": str(adapters.paths["a5"])})
         assert loaded.status_code == 200, loaded.text
         assert loaded.json()["parent"] == BASE
@@ -228,7 +228,7 @@ def test_runtime_load_and_unload_under_concurrent_requests(
 
         def stream(i: int) -> None:
             events = client.completions.create(
-                model="a5", prompt=PROMPTS[0], max_tokens=160, temperature=0, stream=True
+                model="a5", prompt=PROMPTS[0], max_tokens=64, temperature=0, stream=True
             )
             for n, event in enumerate(events):
                 if n == 0:
