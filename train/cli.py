@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from accelerate import PartialState
 from pydantic import ValidationError
 
 from core.errors import ConfigError, StackError
@@ -51,7 +52,8 @@ def lora(
         resume=resume,
         overwrite=overwrite,
     )
-    typer.echo(result.model_dump_json(indent=2))
+    if PartialState().is_main_process:
+        typer.echo(result.model_dump_json(indent=2))
 
 
 @app.command()
@@ -87,7 +89,9 @@ def distill(
         distill_config = DistillConfig.model_validate(settings)
     except ValidationError as err:
         raise ConfigError(f"distill settings: {format_validation_error(err)}") from None
-    typer.echo(run_distill(distill_config, output).model_dump_json(indent=2))
+    result = run_distill(distill_config, output)
+    if PartialState().is_main_process:
+        typer.echo(result.model_dump_json(indent=2))
 
 
 @app.command("estimate-memory")

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from pydantic import Field, model_validator
 from torch import nn
@@ -256,12 +257,14 @@ def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
             )
             hard_result = train(hard_task, config.loop, work_root / "hard_labels", resume=config.resume)
             hard_loss = hard_result.final_eval_loss
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for name in (LOG_NAME, PLOT_NAME):
-            shutil.copy2(work_root / "distill" / name, output_dir / name)
-    student.to(getattr(torch, str(save_dtype).removeprefix("torch.")))
-    student.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+        if PartialState().is_main_process:  # one writer under accelerate launch / torchrun
+            output_dir.mkdir(parents=True, exist_ok=True)
+            for name in (LOG_NAME, PLOT_NAME):
+                shutil.copy2(work_root / "distill" / name, output_dir / name)
+            student.to(getattr(torch, str(save_dtype).removeprefix("torch.")))
+            student.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+    PartialState().wait_for_everyone()
     return DistillResult(
         heldout_loss=result.final_eval_loss,
         heldout_loss_initial=result.initial_eval_loss

@@ -317,7 +317,9 @@ class _Run:
             with sync:
                 with self.timer.phase("forward"), self.precision.autocast():
                     loss, _ = self.task.loss_fn(self.model, batch)
-                if not torch.isfinite(loss):
+                # every process must take the same branch, or DDP's next collective would hang
+                bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.acc.device)
+                if float(self.acc.reduce(bad, reduction="sum")) > 0:
                     finite = False
                     break
                 with self.timer.phase("backward"):

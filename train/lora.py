@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from pydantic import BaseModel
 
@@ -150,8 +151,10 @@ def train_lora(
             tool_versions=tool_versions("torch", "transformers", "peft", "accelerate"),
         )
 
-    write_artifact(output, populate, overwrite=overwrite)
-    log.info("adapter written to %s (eval loss %.4f)", output, result.final_eval_loss)
+    if PartialState().is_main_process:  # one writer under accelerate launch / torchrun
+        write_artifact(output, populate, overwrite=overwrite)
+        log.info("adapter written to %s (eval loss %.4f)", output, result.final_eval_loss)
+    PartialState().wait_for_everyone()
     return LoraResult(
         output=output,
         steps=result.steps,
