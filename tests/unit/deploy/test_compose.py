@@ -63,6 +63,7 @@ def test_each_profile_runs_one_server_with_prometheus_and_grafana(profile: str, 
         ("models", "/models")
     }
     assert [p["target"] for p in server["ports"]] == [8000]
+    assert "environment" not in server  # settings come only from the optional docker/server.env
     dockerfile = Path(server["build"]["context"]) / server["build"]["dockerfile"]
     assert dockerfile.is_file(), dockerfile
     assert server["build"]["context"] == str(REPO_ROOT)
@@ -109,3 +110,24 @@ def test_promtool_accepts_prometheus_config() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_server_env_file_reaches_the_server(tmp_path: Path) -> None:
+    """Settings written in docker/server.env (optional) become the server's environment, in both profiles."""
+    root = tmp_path / "repo"
+    (root / "docker").mkdir(parents=True)
+    for name in ("docker-compose.yml", ".env", "prometheus.yml"):
+        (root / "docker" / name).write_bytes((REPO_ROOT / "docker" / name).read_bytes())
+    (root / "docker" / "server.env").write_text('LLMSTACK_SERVED_MODEL_NAME=smol\nLLMSTACK_API_KEY=["k-1"]\n')
+    compose_file = str(root / "docker" / "docker-compose.yml")
+    for profile, service in PROFILES.items():
+        result = subprocess.run(
+            [str(docker_compose()), "-f", compose_file, "--profile", profile, "config", "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        environment = json.loads(result.stdout)["services"][service]["environment"]
+        assert environment == {"LLMSTACK_SERVED_MODEL_NAME": "smol", "LLMSTACK_API_KEY": '["k-1"]'}
