@@ -39,22 +39,15 @@ def _run(cmd: list[str], cwd: Path) -> dict:
 def test_two_process_ddp_matches_one_process_big_batch(
     tiny_model_dir: Path, chat_jsonl: Path, tmp_path: Path
 ) -> None:
-    torchrun = str(Path(sys.executable).parent / "torchrun")
     per_process = tmp_path / "ddp.yaml"
     per_process.write_text(yaml.safe_dump({**RECIPE, "loop": {**RECIPE["loop"], "batch_size": 2}}))
     together = tmp_path / "single.yaml"
     together.write_text(yaml.safe_dump({**RECIPE, "loop": {**RECIPE["loop"], "batch_size": 4}}))
     common = ["lora", "--model", str(tiny_model_dir), "--data", str(chat_jsonl)]
-    ddp = _run(
-        [torchrun, "--nproc_per_node", "2", "-m", "train.cli", *common]
-        + ["--output", str(tmp_path / "ddp"), "--config", str(per_process)],
-        tmp_path,
-    )
-    single = _run(
-        [sys.executable, "-m", "train.cli", *common]
-        + ["--output", str(tmp_path / "single"), "--config", str(together)],
-        tmp_path,
-    )
+    ddp_args = [*common, "--output", str(tmp_path / "ddp"), "--config", str(per_process)]
+    ddp = _run([str(TORCHRUN), "--nproc_per_node", "2", "-m", "train.cli", *ddp_args], tmp_path)
+    single_args = [*common, "--output", str(tmp_path / "single"), "--config", str(together)]
+    single = _run([sys.executable, "-m", "train.cli", *single_args], tmp_path)
     ddp_log = json.loads((tmp_path / "ddp" / "train_log.json").read_text())
     single_log = json.loads((tmp_path / "single" / "train_log.json").read_text())
     assert ddp_log["processes"] == 2 and single_log["processes"] == 1
