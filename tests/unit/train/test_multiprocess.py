@@ -33,9 +33,10 @@ def _run(cmd: list[str], cwd: Path) -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun"
-)
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this interpreter")
 def test_two_process_ddp_matches_one_process_big_batch(
     tiny_model_dir: Path, chat_jsonl: Path, tmp_path: Path
 ) -> None:
