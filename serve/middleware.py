@@ -79,7 +79,10 @@ class APIMiddleware:
                 callback()
             endpoint = _endpoint(scope)
             model = scope["state"].get("model") or ""
-            label = self.state.model_label(model) if model else ""
+            label = ""
+            if model:
+                known = {m.id for m in self.state.router.models()}
+                label = self.state.model_label(model) if model in known else "unknown"
             metrics.HTTP_REQUESTS.labels(endpoint, label, str(status["code"])).inc()
 
 

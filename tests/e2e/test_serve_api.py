@@ -260,6 +260,19 @@ def test_unknown_model_is_404_on_model(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="no-such-model", prompt="hi")
     assert _error(info.value)["param"] == "model"
+    server_url = str(client.base_url).removesuffix("/v1/")
+    assert metric(server_url, "llmstack:http_requests_total", model="no-such-model") == 0
+    assert metric(server_url, "llmstack:http_requests_total", model="unknown", status="404") >= 2
+
+
+def test_token_id_prompts(client: openai.OpenAI, model: str, tokenizer: Any) -> None:
+    text = client.completions.create(model=model, prompt="The answer is", max_tokens=4, temperature=0)
+    ids = tokenizer("The answer is").input_ids
+    by_ids = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == text.choices[0].text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt=[len(tokenizer) + 5], max_tokens=1)
+    assert _error(info.value)["param"] == "prompt"
 
 
 def test_prompt_longer_than_context_is_400(client: openai.OpenAI, model: str) -> None:

@@ -63,7 +63,7 @@ def test_health_ready_metrics_need_no_key(server: RunningServer) -> None:
 
 def test_full_queue_is_429_with_retry_after(server: RunningServer, tiny_model_dir: Path) -> None:
     model = tiny_model_dir.name
-    body = {"model": model, "prompt": "Once", "max_tokens": 600, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True}
     headers = {"Authorization": f"Bearer {KEY_FLAG}"}
     started = threading.Event()
     finished: list[str] = []

@@ -39,8 +39,14 @@ def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list
     if not prompt:
         raise OpenAIError(400, "prompt is an empty list", param="prompt")
     if all(isinstance(p, int) for p in prompt):
-        return [[int(p) for p in prompt]]  # type: ignore[arg-type]
-    return [tokenizer(p).input_ids if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[arg-type]
+        prompts = [[int(p) for p in prompt]]  # type: ignore[arg-type]
+    else:
+        prompts = [tokenizer(p).input_ids if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[arg-type]
+    vocab = len(tokenizer)
+    for ids in prompts:
+        if any(not 0 <= t < vocab for t in ids):
+            raise OpenAIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return prompts
 
 
 def _logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int) -> dict[str, Any]:
@@ -99,7 +105,11 @@ async def create_completion(
                     choices[i * req.n + d.index].add(d)
 
         try:
-            await asyncio.gather(*(collect(i) for i in range(len(runs))))
+            async with asyncio.TaskGroup() as group:  # one failure cancels the other prompts
+                for i in range(len(runs)):
+                    group.create_task(collect(i))
+        except ExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
         finally:
             for run in runs:
                 await run.aclose()
