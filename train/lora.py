@@ -113,6 +113,8 @@ def train_lora(
         flops_per_token=6.0 * n_params,
     )
     work = work_dir or default_work_dir(output)
+    if overwrite and not resume:  # a fresh run replacing an earlier output starts from no checkpoint
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
     result = train(task, recipe.loop, work, resume=resume)
     n_tokens = sum(len(e.input_ids) for e in train_set.examples)
 

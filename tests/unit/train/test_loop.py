@@ -61,6 +61,9 @@ def test_precision_policy_autocasts_and_scales_only_fp16(make_task) -> None:
     seen.clear()
     train(make_task(loss_fn), loop_config(max_steps=1, precision="fp32"))
     assert set(seen) == {torch.float32}
+    seen.clear()
+    fp16 = train(make_task(loss_fn), loop_config(max_steps=2, precision="fp16"))  # the GradScaler path
+    assert set(seen) == {torch.float16} and all(math.isfinite(r["loss"]) for r in fp16.history)
 
 
 def test_warmup_then_cosine_decay_to_floor(make_task) -> None:
