@@ -10,6 +10,7 @@ quantization loss measured on it is smaller than on a model trained at full prec
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -33,7 +34,9 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=256, help="calibration tokens per sample")
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--eval-seq-len", type=int, default=256)
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-size", type=int, default=64, help="64 divides SmolLM2's widths (576, 1536)")
+    parser.add_argument("--n-grid", type=int, default=20, help="AWQ scale-search grid points")
+    parser.add_argument("--methods", default="RTN,GPTQ,AWQ,NF4", help="comma-separated subset, run in order")
     args = parser.parse_args()
 
     if args.model is None:
@@ -47,39 +50,40 @@ def main() -> None:
     runs = {
         "RTN": lambda out: api.rtn(args.model, out, RtnConfig(group_size=group), eval_config=eval_config),
         "AWQ": lambda out: api.awq(
-            args.model, out, AwqConfig(group_size=group, calibration=calibration), eval_config=eval_config
+            args.model,
+            out,
+            AwqConfig(group_size=group, n_grid=args.n_grid, calibration=calibration),
+            eval_config=eval_config,
         ),
         "GPTQ": lambda out: api.gptq(
             args.model, out, GptqConfig(group_size=group, calibration=calibration), eval_config=eval_config
         ),
         "NF4": lambda out: api.nf4(args.model, out, eval_config=eval_config),
     }
-    rows = []
-    source_ppl = None
-    for name, run in runs.items():
-        start = time.perf_counter()
-        manifest = run(work / name.lower())
-        seconds = time.perf_counter() - start
-        q = manifest.quality
-        source_ppl = q.perplexity_source
-        rows.append((name, q.perplexity, q.mean_kl, q.top1_agreement, _size_mb(work / name.lower()), seconds))
-    fp_size = sum(p.stat().st_size for p in args.model.glob("*.safetensors")) / 1e6
-    rows.insert(0, ("fp (bf16)", source_ppl, 0.0, 1.0, fp_size, 0.0))
-
-    tokens = manifest.quality.eval_data.num_tokens if manifest.quality.eval_data else None
     print(f"model: {args.model}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     print(
-        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
-    )
-    print(
-        f"held-out: {args.eval_samples} samples x <= {args.eval_seq_len} tokens ({tokens} tokens); "
-        f"calibration: {args.num_samples} x <= {args.max_seq_len} tokens; W4 group size {group}"
+        f"held-out: built-in held-out split, {args.eval_samples} samples x <= {args.eval_seq_len} tokens; "
+        f"calibration: {args.num_samples} x <= {args.max_seq_len} tokens; W4 group size {group}; "
+        f"AWQ grid {args.n_grid}"
     )
     print()
     print("| method | perplexity | mean KL vs fp | top-1 agreement | weights MB | time s |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, ppl, kl, agree, size, seconds in rows:
-        print(f"| {name} | {ppl:.3f} | {kl:.4f} | {agree:.3f} | {size:.1f} | {seconds:.0f} |")
+    fp_size = sum(p.stat().st_size for p in args.model.glob("*.safetensors")) / 1e6
+    for name in args.methods.split(","):
+        start = time.perf_counter()
+        manifest = runs[name](work / name.lower())
+        seconds = time.perf_counter() - start
+        q = manifest.quality
+        if name == args.methods.split(",")[0]:
+            print(f"| fp (bf16) | {q.perplexity_source:.3f} | 0 | 1 | {fp_size:.1f} | - |", flush=True)
+        size = _size_mb(work / name.lower())
+        print(
+            f"| {name} | {q.perplexity:.3f} | {q.mean_kl:.4f} | {q.top1_agreement:.3f} | {size:.1f} "
+            f"| {seconds:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
