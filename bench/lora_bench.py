@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     parser.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
     args = parser.parse_args()
+    # SIGTERM (e.g. from `timeout`) unwinds normally, so the servers started below are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.model is None:
         from core.default_model import ensure_default_model
 
