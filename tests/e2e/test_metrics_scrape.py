@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.lora import build_lora_adapter
@@ -28,7 +29,7 @@ from tests.unit.deploy.tools import REPO_ROOT, prometheus, promtool
 BASE = "tiny"
 ADAPTER = "ad1"
 MAX_TOKENS = 8
-CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three colours of the rainbow."}]
 PROMPT = "The quick brown fox jumps over"
 HISTOGRAMS = (
     "time_to_first_token_seconds",
@@ -123,11 +124,11 @@ def drive(server: RunningServer) -> Traffic:
     client = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120)
     traffic = Traffic()
     for model in (BASE, ADAPTER):
-        chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS)  # type: ignore[arg-type]
+        chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS)
         traffic.record("/v1/chat/completions", model, chat.usage)
         stream = client.chat.completions.create(
             model=model,
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             max_tokens=MAX_TOKENS,
             stream=True,
             stream_options={"include_usage": True},
