@@ -254,6 +254,49 @@ def report(results: dict[str, list[list[Summary]]], concurrencies: Sequence[int]
     return "\n".join(lines)
 
 
+def markdown(results: dict[str, list[list[Summary]]], concurrencies: Sequence[int]) -> str:
+    """Markdown tables of the medians over rounds and of the paired ratios (for docs/BENCHMARKS.md)."""
+    rows = [
+        "| contender | conc | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms "
+        "| ITL p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rounds in results.items():
+        for i in range(len(concurrencies)):
+            m = median_summary([r[i] for r in rounds])
+            rows.append(
+                f"| {name} | {m.concurrency} | {m.request_throughput:.2f} | {m.output_throughput:.0f} "
+                f"| {m.ttft_p50_ms:.1f} | {m.ttft_p99_ms:.1f} | {m.tpot_p50_ms:.2f} | {m.itl_p50_ms:.2f} "
+                f"| {m.itl_p99_ms:.2f} | {m.errors} |"
+            )
+    rows += [
+        "",
+        "| conc | tok/s ours/vllm (median, min..max) | TTFT p50 ours−vllm ms (median, min..max) "
+        "| tok/s ours/engine | tok/s vllm/engine |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    ours, theirs, engine = results.get("ours", []), results.get("vllm", []), results.get("engine", [])
+    for i, conc in enumerate(concurrencies):
+        tput = [o[i].output_throughput / v[i].output_throughput for o, v in zip(ours, theirs, strict=False)]
+        ttft = [o[i].ttft_p50_ms - v[i].ttft_p50_ms for o, v in zip(ours, theirs, strict=False)]
+        o_e = [o[i].output_throughput / e[i].output_throughput for o, e in zip(ours, engine, strict=False)]
+        v_e = [v[i].output_throughput / e[i].output_throughput for v, e in zip(theirs, engine, strict=False)]
+        if not tput:
+            continue
+        rows.append(
+            f"| {conc} | {median(tput):.3f} ({min(tput):.3f}..{max(tput):.3f}) "
+            f"| {median(ttft):+.1f} ({min(ttft):+.1f}..{max(ttft):+.1f}) "
+            f"| {median(o_e):.3f} | {median(v_e):.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def load_results(path: Path) -> dict[str, list[list[Summary]]]:
+    """The per-round summaries written by `--json-out`."""
+    raw = json.loads(path.read_text())
+    return {name: [[Summary(**s) for s in r] for r in rounds] for name, rounds in raw.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -264,9 +307,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--json-out", type=Path, default=None, help="write every round's summaries here")
+    parser.add_argument("--report-from", type=Path, default=None, help="re-print a --json-out file's report")
     add_engine_arguments(parser)
     add_load_arguments(parser)
     args = parser.parse_args(argv)
+    if args.report_from:
+        saved = load_results(args.report_from)
+        levels = [s.concurrency for s in next(iter(saved.values()))[0]]
+        print(report(saved, levels))
+        print(markdown(saved, levels))
+        return
     if args.request_rate is not None:
         parser.error("compare_vllm runs closed-loop levels only (drop --request-rate)")
 
@@ -301,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                 results[name].append(summaries)
                 print(format_table(summaries), flush=True)
     print(report(results, args.concurrency))
+    print(markdown(results, args.concurrency))
     if args.json_out:
         args.json_out.write_text(
             json.dumps({k: [[asdict(s) for s in r] for r in v] for k, v in results.items()}, indent=1)
