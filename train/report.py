@@ -44,9 +44,19 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> float |
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory allocated by torch, or the process's peak RSS on CPU (Linux: KiB)."""
+    """Peak accelerator memory allocated by torch, or this process image's peak RSS on CPU.
+
+    On Linux the CPU figure is VmHWM: getrusage's ru_maxrss survives fork+exec, so a trainer started by a
+    large parent would report the parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -17,8 +17,10 @@ from train.memory import estimate_memory
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Runs in a fresh process: baseline RSS after imports, then a model, two AdamW steps, and the peak RSS.
+# The peak is VmHWM (this process image's own high-water mark), not getrusage's ru_maxrss: Linux carries
+# ru_maxrss across fork+exec, so under a large pytest parent it reported the parent's 1.4 GB (seen in CI).
 PROBE = """
-import json, resource, sys
+import json, sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from train.loop import causal_lm_loss_sum
@@ -40,7 +42,9 @@ for _ in range(2):
     (loss / tokens).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(peak - baseline)
 """
 
 
