@@ -17,6 +17,7 @@ from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from core.errors import StackError
 from serve.settings import ServeSettings, parse_settings
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         for problem in err.errors():
             where = ".".join(str(p) for p in problem["loc"]) or "settings"
             sys.stderr.write(f"serve: error: {where}: {problem['msg']}\n")
+        sys.exit(2)
+    except SettingsError as err:  # an environment value pydantic-settings cannot decode (lists are JSON)
+        hint = """list settings are JSON lists in the environment, e.g. LLMSTACK_API_KEY='["key-1"]'"""
+        sys.stderr.write(f"serve: error: {err}; {hint}\n")
         sys.exit(2)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from adapters.discovery import collect, parse_spec
+from core.errors import ConfigError
 from core.settings import StackSettings, placeholder_reason
 
 
@@ -94,14 +96,10 @@ class ServeSettings(StackSettings):
     @field_validator("lora_modules")
     @classmethod
     def _lora_specs(cls, specs: list[str]) -> list[str]:
-        names: set[str] = set()
-        for spec in specs:
-            name, sep, path = spec.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"--lora-modules wants name=path, got {spec!r}")
-            if name in names:
-                raise ValueError(f"LoRA adapter name {name!r} given twice")
-            names.add(name)
+        try:
+            collect(specs)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
         return specs
 
     @field_validator("api_key")
@@ -127,7 +125,7 @@ class ServeSettings(StackSettings):
 
     def adapters(self) -> dict[str, Path]:
         """The `--lora-modules` specs as {name: path}, in the order given."""
-        return {name: Path(path) for name, _, path in (s.partition("=") for s in self.lora_modules)}
+        return {spec.name: spec.path for spec in map(parse_spec, self.lora_modules)}
 
     def lora_enabled(self) -> bool:
         return (

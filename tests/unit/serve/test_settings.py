@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,15 @@ def test_bad_lora_spec(spec: str) -> None:
         parse_settings(["--lora-modules", spec])
 
 
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [(["a=/x", "a=/y"], "given twice"), (["a b=/x"], "invalid adapter name")],
+)
+def test_lora_names_are_checked_like_the_registry_does(specs: list[str], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        parse_settings(["--lora-modules", *specs])
+
+
 def test_every_field_has_a_documented_flag() -> None:
     help_text = build_parser().format_help()
     for name, field in ServeSettings.model_fields.items():
@@ -87,6 +97,22 @@ def test_cli_exits_2_with_one_line_per_problem() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("serve: error: ") for line in lines)
     assert "placeholder" in result.stderr and "port" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["a=/tmp/adapter", ""])
+def test_cli_refuses_a_list_setting_that_is_not_json(value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "serve.cli"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LLMSTACK_LORA_MODULES": value},
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("serve: error: ") and "lora_modules" in result.stderr
+    assert "JSON" in result.stderr
 
 
 def test_cli_refuses_a_missing_model_folder(tmp_path: Path) -> None:
