@@ -72,6 +72,12 @@ class ServeSettings(StackSettings):
         default_factory=list,
         description="key allowed to load/unload adapters at run time (repeatable); needed once keys are set",
     )
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="sequences the engine schedules in one step; default: vLLM's for the device"
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="tokens the engine processes in one step; default: vLLM's for the device"
+    )
     cpu_kvcache_space_gib: int | None = Field(
         None, ge=1, description="CPU engine: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE; default 1)"
     )

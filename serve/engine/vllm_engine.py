@@ -15,7 +15,7 @@ from serve.engine.protocol import ChoiceDelta, EngineOutput, TokenLogprob
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-    from vllm import SamplingParams
+    from vllm import AsyncEngineArgs, SamplingParams
     from vllm.lora.request import LoRARequest
     from vllm.outputs import CompletionOutput
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -67,29 +67,13 @@ class VLLMEngine:
     @classmethod
     def start(cls, settings: ServeSettings, model_dir: Path) -> VLLMEngine:
         """Load the model into a new `AsyncLLM` (blocking; seconds on the tiny model, longer on real ones)."""
-        from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from core.models import load_tokenizer
 
-        cpu = is_cpu_build()
-        enforce_eager = settings.enforce_eager if settings.enforce_eager is not None else cpu
-        args = AsyncEngineArgs(
-            model=str(model_dir),
-            served_model_name=settings.served_model_name or model_dir.name,
-            tensor_parallel_size=settings.tensor_parallel_size,
-            dtype=settings.dtype,
-            max_model_len=settings.max_model_len,  # type: ignore[arg-type]
-            enable_lora=settings.lora_enabled(),
-            max_loras=settings.max_loras,
-            max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            disable_log_stats=False,
-        )
         stats = _SchedulerStats()
-        log.info("starting vLLM (%s) on %s", "cpu" if cpu else "gpu", model_dir)
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.factory])
+        log.info("starting vLLM (%s) on %s", "cpu" if is_cpu_build() else "gpu", model_dir)
+        llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir), stat_loggers=[stats.factory])
         return cls(llm, load_tokenizer(model_dir), stats)
 
     @property
@@ -159,4 +143,26 @@ def _delta(output: CompletionOutput, num_logprobs: int | None) -> ChoiceDelta:
         token_ids=tuple(output.token_ids),
         logprobs=logprobs,
         finish_reason=output.finish_reason,
+    )
+
+
+def engine_args(settings: ServeSettings, model_dir: Path) -> AsyncEngineArgs:
+    """vLLM's engine arguments for `settings`: every engine flag of `serve` maps to exactly one of them."""
+    from vllm import AsyncEngineArgs
+
+    cpu = is_cpu_build()
+    return AsyncEngineArgs(
+        model=str(model_dir),
+        served_model_name=settings.served_model_name or model_dir.name,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,  # type: ignore[arg-type]
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        enable_lora=settings.lora_enabled(),
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else cpu,
+        disable_log_stats=False,
     )
