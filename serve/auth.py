@@ -62,8 +62,11 @@ class KeyRing:
         return match
 
 
-def key_id_of(request: Request) -> str:
-    """The caller's key id (FastAPI dependency for API routes): checks the key, counts the request."""
+async def key_id_of(request: Request) -> str:
+    """The caller's key id (FastAPI dependency for API routes): checks the key, counts the request.
+
+    `async` although it never awaits: FastAPI runs a plain `def` dependency in its thread pool, a thread
+    hop per request for microseconds of work."""
     state = request.app.state.server
     key_id: str = state.keys.identify(request.headers.get("authorization"))
     state.count_key(key_id)

@@ -7,6 +7,7 @@ aborted in the engine; token counters get exactly the counts that go into `usage
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -118,6 +119,7 @@ async def run_request(
 ) -> AsyncGenerator[EngineOutput, None]:
     """The engine's outputs for one prompt, recorded in the metrics and in `usage`; aborted if left early."""
     label = state.model_label(route.model)
+    ttft, itl = metrics.TIME_TO_FIRST_TOKEN.labels(label), metrics.INTER_TOKEN_LATENCY.labels(label)
     finished = False
     first_token_at: float | None = None
     last_token_at = arrival
@@ -133,11 +135,11 @@ async def run_request(
                     if new_tokens:
                         if first_token_at is None:
                             first_token_at = now
-                            metrics.TIME_TO_FIRST_TOKEN.labels(label).observe(now - arrival)
+                            ttft.observe(now - arrival)
                         else:
                             gap = (now - last_token_at) / new_tokens
                             for _ in range(new_tokens):
-                                metrics.INTER_TOKEN_LATENCY.labels(label).observe(gap)
+                                itl.observe(gap)
                         last_token_at = now
                         generated += new_tokens
                     finished = out.finished
@@ -157,10 +159,11 @@ async def run_request(
                 await state.engine.abort(request_id)
 
 
-def sse(payload: dict[str, Any]) -> str:
-    import json
+_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) builds one per call
 
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {_JSON.encode(payload)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
