@@ -30,6 +30,7 @@ from core.models import check_architecture, load_causal_lm, load_tokenizer, read
 from quantize import eval as evaluation
 from quantize.calibration import calibration_dataset, load_samples
 from quantize.config import (
+    COMPRESSED_TENSORS,
     AwqConfig,
     CalibrationConfig,
     EvalConfig,
@@ -43,7 +44,10 @@ if TYPE_CHECKING:
     from train.distill import DistillConfig
 
 log = logging.getLogger(__name__)
-TOOLS = ("llmcompressor", "compressed-tensors", "transformers", "torch", "bitsandbytes", "peft", "accelerate")
+TOOLS = (
+    "llmcompressor", "compressed-tensors", "gptqmodel", "transformers", "torch", "bitsandbytes", "peft",
+    "accelerate",
+)  # fmt: skip
 
 
 def _check_source(model: Path) -> Path:
@@ -124,10 +128,18 @@ def _weight_quantization(
     calibration = getattr(config, "calibration", None)
     dataset, data = _calibration(source, calibration) if calibration is not None else (None, None)
 
+    checkpoint_format = getattr(config, "format", COMPRESSED_TENSORS)
+
     def write(tmp: Path) -> dict[str, Any]:
-        loaded, tokenizer = load_causal_lm(source), load_tokenizer(source)
-        run(loaded, tokenizer, dataset, tmp, config)
-        return {"method": kind, "format": "compressed-tensors", **config.model_dump(mode="json")}
+        if checkpoint_format == COMPRESSED_TENSORS:
+            loaded, tokenizer = load_causal_lm(source), load_tokenizer(source)
+            run(loaded, tokenizer, dataset, tmp, config)
+        else:  # the classic awq/gptq layouts: gptqmodel loads the source itself
+            from quantize.methods import classic
+
+            assert isinstance(config, AwqConfig | GptqConfig) and dataset is not None
+            classic.quantize(source, tmp, config, dataset)
+        return {"method": kind, "format": checkpoint_format, **config.model_dump(mode="json")}
 
     return _produce(kind, source, output, write, data=data, eval_config=eval_config, overwrite=overwrite)
 
@@ -140,7 +152,8 @@ def awq(
     eval_config: EvalConfig | None = None,
     overwrite: bool = False,
 ) -> Manifest:
-    """AWQ W4A16 (asymmetric groups) in compressed-tensors format, loaded natively by vLLM."""
+    """AWQ W4A16 (asymmetric groups) in compressed-tensors format or, with `config.format="awq"`, the classic
+    AutoAWQ GEMM format (gptqmodel); vLLM and transformers load both."""
     from quantize.methods import awq as method
 
     return _weight_quantization(
@@ -157,7 +170,8 @@ def gptq(
     eval_config: EvalConfig | None = None,
     overwrite: bool = False,
 ) -> Manifest:
-    """GPTQ W4A16 (symmetric groups) in compressed-tensors format, loaded natively by vLLM."""
+    """GPTQ W4A16 (symmetric groups) in compressed-tensors format or, with `config.format="gptq"`, the classic
+    AutoGPTQ format (gptqmodel); vLLM and transformers load both."""
     from quantize.methods import gptq as method
 
     return _weight_quantization(

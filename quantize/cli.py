@@ -1,13 +1,17 @@
 """`quantize`: the toolchain's command line, a thin layer over `quantize.api`.
 
 Invariant: option help comes from the config models' field descriptions; any user error (a `StackError`)
-prints one line on stderr and exits with status 2, and nothing is written.
+prints one line on stderr and exits with status 2, and nothing is written; stdout carries only the report
+(what libraries print while a command runs, e.g. gptqmodel's logs, goes to stderr).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,6 +59,8 @@ MaxSeqLen = Annotated[int, typer.Option(help=_help(CalibrationConfig, "max_seq_l
 EvalData = Annotated[str | None, typer.Option(help=_help(EvalConfig, "eval_data"))]
 EvalSamples = Annotated[int, typer.Option(help=_help(EvalConfig, "eval_samples"))]
 EvalSeqLen = Annotated[int, typer.Option(help=_help(EvalConfig, "eval_seq_len"))]
+AwqFormat = Annotated[str, typer.Option("--format", help=_help(AwqConfig, "format"))]
+GptqFormat = Annotated[str, typer.Option("--format", help=_help(GptqConfig, "format"))]
 
 BITS = _default(WeightQuantConfig, "bits")
 GROUP = _default(WeightQuantConfig, "group_size")
@@ -62,11 +68,18 @@ SAMPLES = _default(CalibrationConfig, "num_samples")
 SEQ = _default(CalibrationConfig, "max_seq_len")
 EVAL_SAMPLES = _default(EvalConfig, "eval_samples")
 EVAL_SEQ = _default(EvalConfig, "eval_seq_len")
+FORMAT = _default(AwqConfig, "format")
 
 
 def _fail(err: StackError) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
     return typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _library_output_to_stderr() -> Iterator[None]:
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _report(output: Path, manifest: Manifest) -> None:
@@ -111,6 +124,7 @@ def awq(
     output: Output,
     bits: Bits = BITS,
     group_size: GroupSize = GROUP,
+    checkpoint_format: AwqFormat = FORMAT,
     calib_data: CalibData = None,
     num_samples: NumSamples = SAMPLES,
     max_seq_len: MaxSeqLen = SEQ,
@@ -119,7 +133,8 @@ def awq(
     eval_seq_len: EvalSeqLen = EVAL_SEQ,
     overwrite: Overwrite = False,
 ) -> None:
-    """AWQ (llm-compressor AWQModifier, asymmetric groups) to compressed-tensors, which vLLM loads."""
+    """AWQ (asymmetric groups) to compressed-tensors (llm-compressor) or the classic awq GEMM format
+    (gptqmodel); vLLM loads both."""
     from quantize import api
 
     try:
@@ -127,10 +142,13 @@ def awq(
             AwqConfig,
             bits=bits,
             group_size=group_size,
+            format=checkpoint_format,
             calibration=_calibration(calib_data, num_samples, max_seq_len),
         )
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        _report(output, api.awq(model, output, config, eval_config=eval_config, overwrite=overwrite))
+        with _library_output_to_stderr():
+            manifest = api.awq(model, output, config, eval_config=eval_config, overwrite=overwrite)
+        _report(output, manifest)
     except StackError as err:
         raise _fail(err) from None
 
@@ -141,6 +159,7 @@ def gptq(
     output: Output,
     bits: Bits = BITS,
     group_size: GroupSize = GROUP,
+    checkpoint_format: GptqFormat = FORMAT,
     calib_data: CalibData = None,
     num_samples: NumSamples = SAMPLES,
     max_seq_len: MaxSeqLen = SEQ,
@@ -149,7 +168,8 @@ def gptq(
     eval_seq_len: EvalSeqLen = EVAL_SEQ,
     overwrite: Overwrite = False,
 ) -> None:
-    """GPTQ (llm-compressor GPTQModifier, symmetric groups) to compressed-tensors, which vLLM loads."""
+    """GPTQ (symmetric groups) to compressed-tensors (llm-compressor) or the classic gptq format (gptqmodel);
+    vLLM loads both."""
     from quantize import api
 
     try:
@@ -157,10 +177,13 @@ def gptq(
             GptqConfig,
             bits=bits,
             group_size=group_size,
+            format=checkpoint_format,
             calibration=_calibration(calib_data, num_samples, max_seq_len),
         )
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        _report(output, api.gptq(model, output, config, eval_config=eval_config, overwrite=overwrite))
+        with _library_output_to_stderr():
+            manifest = api.gptq(model, output, config, eval_config=eval_config, overwrite=overwrite)
+        _report(output, manifest)
     except StackError as err:
         raise _fail(err) from None
 
@@ -183,7 +206,9 @@ def rtn(
     try:
         config = validated(RtnConfig, bits=bits, group_size=group_size, symmetric=symmetric)
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        _report(output, api.rtn(model, output, config, eval_config=eval_config, overwrite=overwrite))
+        with _library_output_to_stderr():
+            manifest = api.rtn(model, output, config, eval_config=eval_config, overwrite=overwrite)
+        _report(output, manifest)
     except StackError as err:
         raise _fail(err) from None
 
@@ -230,7 +255,9 @@ def merge_lora(
     try:
         config = validated(MergeLoraConfig, adapters=adapter, weights=weights or None, force=force)
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        _report(output, api.merge_lora(base, output, config, eval_config=eval_config, overwrite=overwrite))
+        with _library_output_to_stderr():
+            manifest = api.merge_lora(base, output, config, eval_config=eval_config, overwrite=overwrite)
+        _report(output, manifest)
     except StackError as err:
         raise _fail(err) from None
 
@@ -283,7 +310,9 @@ def distill(
             settings["loop"] = {**settings.get("loop", {}), "max_steps": max_steps}
         distill_config = validated(DistillConfig, **settings)
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        _report(output, api.distill(distill_config, output, eval_config=eval_config, overwrite=overwrite))
+        with _library_output_to_stderr():
+            manifest = api.distill(distill_config, output, eval_config=eval_config, overwrite=overwrite)
+        _report(output, manifest)
     except StackError as err:
         raise _fail(err) from None
 
@@ -303,7 +332,8 @@ def eval_(
 
     try:
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        quality: Quality = api.evaluate(model, reference=reference, eval_config=eval_config)
+        with _library_output_to_stderr():
+            quality: Quality = api.evaluate(model, reference=reference, eval_config=eval_config)
     except StackError as err:
         raise _fail(err) from None
     typer.echo(json.dumps(quality.model_dump(exclude={"eval_data"}, exclude_none=True), indent=2))

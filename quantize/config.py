@@ -7,13 +7,16 @@ descriptions are the CLI help (`quantize.cli` reads them), so a setting is docum
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
 
 SUPPORTED_BITS = (4, 8)
+COMPRESSED_TENSORS: Final = "compressed-tensors"
+GPTQMODEL_AWQ_GRID: Final = 20  # gptqmodel's AWQ scale search: fixed grid, always duo scaling
+GPTQMODEL_GPTQ_BLOCK: Final = 128  # gptqmodel's GPTQ: fixed block of columns
 
 
 class Strict(BaseModel):
@@ -66,23 +69,54 @@ class WeightQuantConfig(Strict):
 
 
 class AwqConfig(WeightQuantConfig):
-    """AWQ: activation-aware channel scaling (llm-compressor `AWQModifier`), then asymmetric groups."""
+    """AWQ: activation-aware channel scaling, then asymmetric groups (llm-compressor `AWQModifier`; gptqmodel
+    for the classic `awq` format)."""
 
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     duo_scaling: bool = Field(
         default=True, description="Search scales with both activation and weight magnitudes."
     )
     n_grid: int = Field(default=20, ge=1, description="Grid points of the per-layer scale search.")
+    format: Literal["compressed-tensors", "awq"] = Field(
+        default=COMPRESSED_TENSORS,
+        description="Checkpoint format: compressed-tensors (llm-compressor) or awq (the classic AutoAWQ GEMM "
+        "layout, written by gptqmodel; 4-bit only).",
+    )
+
+    @model_validator(mode="after")
+    def _classic_format_limits(self) -> AwqConfig:
+        if self.format == "awq":
+            if self.bits != 4:
+                raise ValueError(f"format 'awq' stores 4-bit weights only (got {self.bits} bits)")
+            if not self.duo_scaling or self.n_grid != GPTQMODEL_AWQ_GRID:
+                raise ValueError(
+                    f"format 'awq' (gptqmodel) always uses duo scaling and a {GPTQMODEL_AWQ_GRID}-point grid"
+                )
+        return self
 
 
 class GptqConfig(WeightQuantConfig):
-    """GPTQ: Hessian-based error-correcting rounding (llm-compressor `GPTQModifier`), symmetric groups."""
+    """GPTQ: Hessian-based error-correcting rounding, symmetric groups (llm-compressor `GPTQModifier`;
+    gptqmodel for the classic `gptq` format)."""
 
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     dampening_frac: float = Field(
         default=0.01, gt=0, lt=1, description="Hessian dampening, fraction of its mean diagonal."
     )
     block_size: int = Field(default=128, ge=1, description="Columns quantized per GPTQ block.")
+    format: Literal["compressed-tensors", "gptq"] = Field(
+        default=COMPRESSED_TENSORS,
+        description="Checkpoint format: compressed-tensors (llm-compressor) or gptq (the classic AutoGPTQ "
+        "layout, written by gptqmodel).",
+    )
+
+    @model_validator(mode="after")
+    def _classic_format_limits(self) -> GptqConfig:
+        if self.format == "gptq" and self.block_size != GPTQMODEL_GPTQ_BLOCK:
+            raise ValueError(
+                f"format 'gptq' (gptqmodel) always quantizes blocks of {GPTQMODEL_GPTQ_BLOCK} columns"
+            )
+        return self
 
 
 class RtnConfig(WeightQuantConfig):

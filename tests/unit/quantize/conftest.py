@@ -44,6 +44,30 @@ def gptq_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def awq_classic_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
+    """AWQ in the classic AutoAWQ GEMM format (gptqmodel)."""
+    from quantize import api
+    from quantize.config import AwqConfig
+
+    out = artifacts_root / "awq-classic"
+    config = AwqConfig(group_size=GROUP_SIZE, calibration=CALIBRATION, format="awq")
+    api.awq(tiny_model_dir, out, config, eval_config=EVAL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gptq_classic_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
+    """GPTQ in the classic AutoGPTQ format (gptqmodel)."""
+    from quantize import api
+    from quantize.config import GptqConfig
+
+    out = artifacts_root / "gptq-classic"
+    config = GptqConfig(group_size=GROUP_SIZE, calibration=CALIBRATION, format="gptq")
+    api.gptq(tiny_model_dir, out, config, eval_config=EVAL)
+    return out
+
+
+@pytest.fixture(scope="session")
 def rtn_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
     from quantize import api
     from quantize.config import RtnConfig

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from core.artifact import verify_artifact
 from quantize.cli import app
+from tests.unit.quantize.conftest import EVAL
 
 SUBCOMMANDS = ["awq", "gptq", "rtn", "nf4", "merge-lora", "distill", "eval"]
 FAST_EVAL = ["--eval-samples", "4", "--eval-seq-len", "32"]
@@ -73,6 +74,20 @@ def test_unsupported_bits(tiny_model_dir: Path, tmp_path: Path, bits: str) -> No
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["awq", "--format", "gptq"], "format: Input should be 'compressed-tensors' or 'awq'"),
+        (["awq", "--format", "awq", "--bits", "8"], "format 'awq' stores 4-bit weights only (got 8 bits)"),
+        (["gptq", "--format", "awq"], "format: Input should be 'compressed-tensors' or 'gptq'"),
+    ],
+)
+def test_bad_format_is_refused(tiny_model_dir: Path, tmp_path: Path, args: list[str], fragment: str) -> None:
+    code, _, err = _run(*args, "--model", tiny_model_dir, "--output", tmp_path / "out")
+    _assert_refused(code, err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_group_size_must_divide_layer_widths(tiny_model_dir: Path, tmp_path: Path) -> None:
     code, _, err = _run("gptq", "--model", tiny_model_dir, "--output", tmp_path / "out", "--group-size", "96")
     _assert_refused(code, err, "group size 96 does not divide the model's hidden_size (128)")
@@ -112,3 +127,18 @@ def test_eval_command_against_reference(tiny_model_dir: Path, tiny_model_dir_b: 
     other = json.loads(stdout)
     assert other["mean_kl"] > 0.01 and other["top1_agreement"] < 0.5
     assert other["perplexity"] == pytest.approx(same["perplexity"])
+
+
+def test_eval_of_a_gptqmodel_checkpoint_prints_only_json(
+    gptq_classic_artifact: Path, tiny_model_dir: Path
+) -> None:
+    """gptqmodel logs on stdout while it loads a classic checkpoint; the CLI sends that to stderr. Same
+    evaluation settings as the fixture's, so the figures match those in the manifest."""
+    eval_args = ["--eval-samples", str(EVAL.eval_samples), "--eval-seq-len", str(EVAL.eval_seq_len)]
+    code, stdout, err = _run(
+        "eval", "--model", gptq_classic_artifact, "--reference", tiny_model_dir, *eval_args
+    )
+    assert code == 0, err
+    printed = json.loads(stdout)
+    recorded = verify_artifact(gptq_classic_artifact).quality
+    assert printed["mean_kl"] == pytest.approx(recorded.mean_kl, rel=1e-4)
