@@ -2,10 +2,11 @@
 across two vLLM workers and still computes the model transformers computes.
 
 In the default suite (one server start, ~45 s on 2 cores). The reference is the same model run by
-transformers in this process, both in float32 (vLLM's `auto` would pick bf16 on CPU and blur the comparison). Greedy texts are not compared: the random tiny model has near-ties that a
-different summation order (TP's all-reduce) may flip, which says nothing about correctness. Instead, at
-several positions along transformers' greedy continuation, the server's top-5 next-token log-probabilities
-must equal transformers' to 1e-3 (a wrong split of any layer would change them by orders more).
+transformers in this process, both in float32 (vLLM's `auto` would pick bf16 on CPU and blur the
+comparison). Greedy texts are not compared: the random tiny model has near-ties that a different summation
+order (TP's all-reduce) may flip, which says nothing about correctness. Instead, at several positions along
+transformers' greedy continuation, the server's top-5 next-token log-probabilities must equal transformers'
+to 1e-3 (a wrong split of any layer would change them by orders more).
 """
 
 from __future__ import annotations
