@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,6 +82,17 @@ def _library_output_to_stderr() -> Iterator[None]:
         yield
 
 
+def _write(output: Path, make: Callable[[], Manifest]) -> None:
+    """Run `make` (validation, then the work; whatever libraries print goes to stderr) and report the
+    artifact on stdout; a user error is one line on stderr and exit status 2."""
+    try:
+        with _library_output_to_stderr():
+            manifest = make()
+    except StackError as err:
+        raise _fail(err) from None
+    _report(output, manifest)
+
+
 def _report(output: Path, manifest: Manifest) -> None:
     figures = manifest.quality.model_dump(exclude={"eval_data"}, exclude_none=True)
     typer.echo(f"wrote {manifest.kind} artifact {output}")
@@ -137,7 +148,7 @@ def awq(
     (gptqmodel); vLLM loads both."""
     from quantize import api
 
-    try:
+    def make() -> Manifest:
         config = validated(
             AwqConfig,
             bits=bits,
@@ -146,11 +157,9 @@ def awq(
             calibration=_calibration(calib_data, num_samples, max_seq_len),
         )
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        with _library_output_to_stderr():
-            manifest = api.awq(model, output, config, eval_config=eval_config, overwrite=overwrite)
-        _report(output, manifest)
-    except StackError as err:
-        raise _fail(err) from None
+        return api.awq(model, output, config, eval_config=eval_config, overwrite=overwrite)
+
+    _write(output, make)
 
 
 @app.command()
@@ -172,7 +181,7 @@ def gptq(
     vLLM loads both."""
     from quantize import api
 
-    try:
+    def make() -> Manifest:
         config = validated(
             GptqConfig,
             bits=bits,
@@ -181,11 +190,9 @@ def gptq(
             calibration=_calibration(calib_data, num_samples, max_seq_len),
         )
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        with _library_output_to_stderr():
-            manifest = api.gptq(model, output, config, eval_config=eval_config, overwrite=overwrite)
-        _report(output, manifest)
-    except StackError as err:
-        raise _fail(err) from None
+        return api.gptq(model, output, config, eval_config=eval_config, overwrite=overwrite)
+
+    _write(output, make)
 
 
 @app.command()
@@ -203,14 +210,12 @@ def rtn(
     """Round-to-nearest (no calibration data), the baseline for AWQ and GPTQ, same format."""
     from quantize import api
 
-    try:
+    def make() -> Manifest:
         config = validated(RtnConfig, bits=bits, group_size=group_size, symmetric=symmetric)
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        with _library_output_to_stderr():
-            manifest = api.rtn(model, output, config, eval_config=eval_config, overwrite=overwrite)
-        _report(output, manifest)
-    except StackError as err:
-        raise _fail(err) from None
+        return api.rtn(model, output, config, eval_config=eval_config, overwrite=overwrite)
+
+    _write(output, make)
 
 
 @app.command()
@@ -227,12 +232,12 @@ def nf4(
     """bitsandbytes NF4 (double quantization), saved pre-quantized; transformers loads it (vLLM: GPU only)."""
     from quantize import api
 
-    try:
+    def make() -> Manifest:
         config = validated(Nf4Config, double_quant=double_quant, compute_dtype=compute_dtype)
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        _report(output, api.nf4(model, output, config, eval_config=eval_config, overwrite=overwrite))
-    except StackError as err:
-        raise _fail(err) from None
+        return api.nf4(model, output, config, eval_config=eval_config, overwrite=overwrite)
+
+    _write(output, make)
 
 
 @app.command("merge-lora")
@@ -252,14 +257,12 @@ def merge_lora(
     """Merge LoRA adapters (optionally weighted) into the base with PEFT; the output is a plain model."""
     from quantize import api
 
-    try:
+    def make() -> Manifest:
         config = validated(MergeLoraConfig, adapters=adapter, weights=weights or None, force=force)
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        with _library_output_to_stderr():
-            manifest = api.merge_lora(base, output, config, eval_config=eval_config, overwrite=overwrite)
-        _report(output, manifest)
-    except StackError as err:
-        raise _fail(err) from None
+        return api.merge_lora(base, output, config, eval_config=eval_config, overwrite=overwrite)
+
+    _write(output, make)
 
 
 @app.command()
@@ -293,7 +296,7 @@ def distill(
     from quantize import api
     from train.distill import DistillConfig
 
-    try:
+    def make() -> Manifest:
         settings = _recipe_mapping(config) if config else {}
         flags = {
             "teacher": teacher,
@@ -310,11 +313,9 @@ def distill(
             settings["loop"] = {**settings.get("loop", {}), "max_steps": max_steps}
         distill_config = validated(DistillConfig, **settings)
         eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        with _library_output_to_stderr():
-            manifest = api.distill(distill_config, output, eval_config=eval_config, overwrite=overwrite)
-        _report(output, manifest)
-    except StackError as err:
-        raise _fail(err) from None
+        return api.distill(distill_config, output, eval_config=eval_config, overwrite=overwrite)
+
+    _write(output, make)
 
 
 @app.command("eval")
