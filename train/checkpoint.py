@@ -4,6 +4,10 @@ Invariant: a checkpoint folder `step-XXXXXXXX` exists only complete: it is writt
 and renamed into place, so a run killed at any instant leaves either the previous or the new checkpoint,
 never a half-written one. It holds the trainable parameters, optimizer, scheduler, RNG states and the loop
 state (data position, guard and early-stopping state, log history).
+
+Under FSDP the parameters and optimizer states are sharded over the processes: `gather_trainable` and
+`gather_optimizer` collect full tensors on the main process (collectives: every process calls them), and a
+checkpoint stores the same full tensors whatever the number of processes that wrote it.
 """
 
 from __future__ import annotations
@@ -15,12 +19,22 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 _PREFIX = "step-"
+_FULL_OPTIMIZER = "full_optimizer_state_by_name"
 
 
 @dataclass
@@ -48,6 +62,69 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device))
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether `accelerator` shards parameters (FSDP): then no process holds them whole."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def gather_trainable(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of the prepared `model` as full CPU tensors. Under FSDP this is a collective
+    that only gathers the trainable parameters (`ignore_frozen_params`), and only the main process gets
+    them (the others get an empty dict)."""
+    if not is_sharded(accelerator):
+        return trainable_state(accelerator.unwrap_model(model))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=options)
+    return {name: cast(torch.Tensor, state[name]) for name in trainable_names(model) if name in state}
+
+
+def restore_trainable(accelerator: Accelerator, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load full trainable tensors (from `gather_trainable`) into the prepared `model`; under FSDP every
+    process passes the full tensors and keeps its own shard."""
+    if not is_sharded(accelerator):
+        load_trainable(accelerator.unwrap_model(model), tensors)
+        return
+    missing = [name for name in trainable_names(model) if name not in tensors]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks trainable parameters, e.g. {missing[0]}")
+    full: dict[str, Any] = dict(tensors)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def gather_optimizer(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """The optimizer state to checkpoint: `optimizer.state_dict()`, or under FSDP (a collective) the full,
+    unsharded state keyed by parameter name, on the main process. Before the first step (no state yet) it
+    is `optimizer.state_dict()` in every case: torch's `get_optimizer_state_dict` would initialise an empty
+    AdamW state by taking a zero-gradient step, which advances AdamW's step count."""
+    if not is_sharded(accelerator) or not _inner(optimizer).state:
+        return optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {_FULL_OPTIMIZER: get_optimizer_state_dict(model, _inner(optimizer), options=options)}
+
+
+def restore_optimizer(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    if _FULL_OPTIMIZER in state:  # written under FSDP: parameter-name keys, full tensors
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, _inner(optimizer), state[_FULL_OPTIMIZER], options=options)
+    elif is_sharded(accelerator) and state["state"]:
+        raise RuntimeError("this checkpoint was written without FSDP: resume it without FSDP")
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def rng_state() -> dict[str, Any]:

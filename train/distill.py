@@ -28,9 +28,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from core.errors import ConfigError
 from core.models import load_causal_lm, load_tokenizer, read_config
 from core.textdata import BUILTIN_CORPUS, load_texts
+from train.checkpoint import is_sharded
 from train.config import LoopConfig, Strict
 from train.data import Example, collate, tokenize_texts
-from train.loop import Batch, TrainTask, token_ce_sum, train
+from train.loop import Batch, TrainTask, make_accelerator, token_ce_sum, train
 from train.report import LOG_NAME, PLOT_NAME
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,13 @@ def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
     with tempfile.TemporaryDirectory(prefix="distill-") as tmp:
         work_root = config.work_dir or Path(tmp)
         task = _build_task(config, teacher, student, train_data, eval_data, pad_id, hard_labels_only=False)
-        result = train(task, config.loop, work_root / "distill", resume=config.resume)
+        accelerator = make_accelerator()
+        work = work_root / "distill"
+        result = train(task, config.loop, work, resume=config.resume, accelerator=accelerator)
+        # under FSDP (version 2 shards the module in place) gather the student whole on the main process
+        student_state = (
+            _student_state(accelerator.get_state_dict(task.model)) if is_sharded(accelerator) else None
+        )
         teacher_loss = _heldout_loss(teacher, eval_data, pad_id)
         hard_loss = None
         if initial_student is not None:
@@ -261,8 +268,11 @@ def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
             output_dir.mkdir(parents=True, exist_ok=True)
             for name in (LOG_NAME, PLOT_NAME):
                 shutil.copy2(work_root / "distill" / name, output_dir / name)
-            student.to(getattr(torch, str(save_dtype).removeprefix("torch.")))
-            student.save_pretrained(output_dir)
+            dtype = getattr(torch, str(save_dtype).removeprefix("torch."))
+            student.to(dtype)
+            if student_state is not None:
+                student_state = {name: tensor.to(dtype) for name, tensor in student_state.items()}
+            student.save_pretrained(output_dir, state_dict=student_state)
             tokenizer.save_pretrained(output_dir)
     PartialState().wait_for_everyone()
     return DistillResult(
@@ -280,6 +290,12 @@ def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
         eval_samples=len(eval_data),
         stopped_early=result.stopped_early,
     )
+
+
+def _student_state(wrapper_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The student's entries of a `_StudentWithProjections` state dict, without the prefix."""
+    prefix = "student."
+    return {name[len(prefix) :]: t for name, t in wrapper_state.items() if name.startswith(prefix)}
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -32,13 +33,16 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from core.errors import StackError
 from train.checkpoint import (
     Checkpoint,
+    gather_optimizer,
+    gather_trainable,
+    is_sharded,
     list_checkpoints,
     load_checkpoint,
-    load_trainable,
+    restore_optimizer,
+    restore_trainable,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    trainable_state,
 )
 from train.config import LoopConfig
 from train.guard import NonFiniteGuard, SpikeDetector
@@ -129,7 +133,17 @@ def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 def make_accelerator() -> Accelerator:
     """The process's Accelerator: single device, or DDP/FSDP when started by `accelerate launch`/torchrun.
     Mixed precision is the loop's own (see train.precision), so accelerate's is left off."""
-    return Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if fsdp_requested and not is_sharded(accelerator) and accelerator.num_processes > 1:
+        log.warning(
+            "FSDP was requested but accelerate set up %s (accelerate shards only on accelerators, not on "
+            "CPU processes): this run is plain data parallelism",
+            accelerator.distributed_type,
+        )
+    if is_sharded(accelerator) and not accelerator.is_fsdp2:
+        raise TrainingError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config")
+    return accelerator
 
 
 class _Run:
@@ -152,7 +166,8 @@ class _Run:
         optim = config.optim
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         self.model, self.optimizer = self.acc.prepare(task.model, optimizer)
-        self.params = params
+        # FSDP replaces the parameters by sharded ones: clip the prepared model's, not the originals
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         world = self.acc.num_processes
         self.micro_per_epoch = len(task.train_data) // (config.batch_size * world)
         if self.micro_per_epoch < config.grad_accum:
@@ -204,6 +219,10 @@ class _Run:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _save(self) -> None:
+        sharded = is_sharded(self.acc)
+        if sharded or self.acc.is_main_process:  # under FSDP gathering is a collective of all processes
+            trainable = gather_trainable(self.acc, self.model)
+            optimizer = gather_optimizer(self.acc, self.model, self.optimizer)
         if self.acc.is_main_process:
             state = dict(vars(self.state))
             state["spike_window"] = self.spikes.state()
@@ -211,8 +230,8 @@ class _Run:
                 self.ckpt_dir,
                 self.state.step,
                 Checkpoint(
-                    trainable=trainable_state(self.acc.unwrap_model(self.model)),
-                    optimizer=self.optimizer.state_dict(),
+                    trainable=trainable,
+                    optimizer=optimizer,
                     scheduler=self.scheduler.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler else None,
                     rng=rng_state(),
@@ -224,8 +243,8 @@ class _Run:
 
     def _restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        load_trainable(self.acc.unwrap_model(self.model), ckpt.trainable)
-        self.optimizer.load_state_dict(ckpt.optimizer)
+        restore_trainable(self.acc, self.model, ckpt.trainable)
+        restore_optimizer(self.acc, self.model, self.optimizer, ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.scheduler)
         if self.scaler and ckpt.scaler:
             self.scaler.load_state_dict(ckpt.scaler)
@@ -440,6 +459,7 @@ class _Run:
                 "config": self.config.model_dump(mode="json"),
                 "precision": self.precision.name,
                 "processes": self.acc.num_processes,
+                "distributed": self.acc.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU (DDP), FSDP, ...
                 "total_steps": self.total_steps,
                 **{k: v for k, v in vars(result).items() if k != "log_path"},
             }

@@ -29,9 +29,10 @@ from core.artifact import (
     write_artifact,
 )
 from core.models import load_causal_lm, load_tokenizer, resolve_model_dir
+from train.checkpoint import gather_trainable, is_sharded
 from train.config import LoraRecipe
 from train.data import ChatData, collate, load_chat_jsonl
-from train.loop import TrainTask, causal_lm_loss_sum, train
+from train.loop import TrainTask, causal_lm_loss_sum, make_accelerator, train
 from train.report import LOG_NAME, PLOT_NAME
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,15 @@ def train_lora(
     work = work_dir or default_work_dir(output)
     if overwrite and not resume:  # a fresh run replacing an earlier output starts from no checkpoint
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    result = train(task, recipe.loop, work, resume=resume)
+    accelerator = make_accelerator()
+    result = train(task, recipe.loop, work, resume=resume, accelerator=accelerator)
+    # FSDP (version 2 shards the model in place) leaves each process a shard: gather the adapter weights
+    # on the main process (a collective). Otherwise PEFT reads the complete parameters itself.
+    adapter_state = gather_trainable(accelerator, peft_model) if is_sharded(accelerator) else None
     n_tokens = sum(len(e.input_ids) for e in train_set.examples)
 
     def populate(tmp: Path) -> ManifestDraft:
-        peft_model.save_pretrained(str(tmp))
+        peft_model.save_pretrained(str(tmp), state_dict=adapter_state)
         for name in (LOG_NAME, PLOT_NAME):
             if (work / name).is_file():
                 shutil.copy2(work / name, tmp / name)
