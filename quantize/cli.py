@@ -19,7 +19,7 @@ import typer
 from pydantic import BaseModel
 
 from core.artifact import Manifest, Quality
-from core.errors import ConfigError, StackError
+from core.errors import StackError
 from quantize.config import (
     AwqConfig,
     CalibrationConfig,
@@ -97,21 +97,6 @@ def _report(output: Path, manifest: Manifest) -> None:
     figures = manifest.quality.model_dump(exclude={"eval_data"}, exclude_none=True)
     typer.echo(f"wrote {manifest.kind} artifact {output}")
     typer.echo(json.dumps(figures, indent=2, sort_keys=True))
-
-
-def _recipe_mapping(path: Path) -> dict[str, Any]:
-    """A YAML recipe's settings (validated later, together with the flags that override them)."""
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of settings")
-    return raw
 
 
 def _eval_config(eval_data: str | None, eval_samples: int, eval_seq_len: int) -> EvalConfig:
@@ -294,10 +279,11 @@ def distill(
 ) -> None:
     """Logit distillation (temperature-scaled KL + hard-label CE) with the training backend's loop."""
     from quantize import api
+    from train.config import recipe_mapping
     from train.distill import DistillConfig
 
     def make() -> Manifest:
-        settings = _recipe_mapping(config) if config else {}
+        settings = recipe_mapping(config) if config else {}
         flags = {
             "teacher": teacher,
             "data": data,

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from accelerate import PartialState
 from pydantic import ValidationError
 
 from core.errors import ConfigError, StackError
 from core.models import read_config
-from train.config import LoraRecipe, format_validation_error, load_recipe
+from train.config import LoraRecipe, format_validation_error, load_recipe, recipe_mapping
 from train.memory import estimate_memory, format_estimate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA fine-tuning and distillation.")
@@ -73,7 +72,7 @@ def distill(
     from train.distill import DistillConfig
     from train.distill import distill as run_distill
 
-    settings: dict[str, Any] = _yaml_mapping(config) if config else {}
+    settings: dict[str, Any] = recipe_mapping(config) if config else {}
     flags = {
         "teacher": teacher,
         "student": student,
@@ -114,18 +113,6 @@ def estimate_memory_cmd(
         lora_rank=lora_rank,
     )
     typer.echo(json.dumps(estimate.as_dict(), indent=2) if as_json else format_estimate(estimate))
-
-
-def _yaml_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of settings")
-    return raw
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ Invariant: every config model forbids unknown keys, and a recipe file's problems
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -113,8 +113,9 @@ def format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_recipe(path: Path | str, model: type[M]) -> M:
-    """Parse a YAML recipe into `model`; every problem is reported together in one `ConfigError`."""
+def recipe_mapping(path: Path | str) -> dict[str, Any]:
+    """A YAML recipe's settings, not yet validated (flags may override them first); a missing file, bad
+    YAML or a non-mapping is one `ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
@@ -124,6 +125,12 @@ def load_recipe(path: Path | str, model: type[M]) -> M:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping of settings")
+    return raw
+
+
+def load_recipe(path: Path | str, model: type[M]) -> M:
+    """Parse a YAML recipe into `model`; every problem is reported together in one `ConfigError`."""
+    raw = recipe_mapping(path)
     try:
         return model.model_validate(raw)
     except ValidationError as err:
