@@ -127,6 +127,7 @@ def main() -> None:
             f"{r.tokens_per_s:>9.1f}{r.tokens_per_s / reference:>7.2f}"
         )
     mixed, single = results[-1].tokens_per_s, results[-2].tokens_per_s
+    print(f"1 adapter / base (LoRA on): {single / results[1].tokens_per_s:.2f}")
     print(f"{args.adapters} adapters mixed / base (LoRA on): {mixed / results[1].tokens_per_s:.2f}")
     print(f"{args.adapters} adapters mixed / 1 adapter: {mixed / single:.2f}")
 
