@@ -525,7 +525,9 @@ def test_overload_gets_429_never_a_crash_and_rss_stays_bounded(small_server: Run
 
 
 def test_sigterm_under_load_drains_and_exits_zero(small_server: RunningServer) -> None:
-    url, max_tokens = small_server.url, 64
+    # long streams (2 running + 2 queued behind them) so the server is still draining when the late
+    # requests come; with 64 tokens the streams could all finish first and the server exit (seen: 1 run in 4)
+    url, max_tokens = small_server.url, 200
 
     async def scenario() -> tuple[list[dict[str, Any]], list[httpx.Response], int]:
         async with httpx.AsyncClient(timeout=180) as client:
@@ -541,14 +543,18 @@ def test_sigterm_under_load_drains_and_exits_zero(small_server: RunningServer) -
                 "the four requests never were in flight together"
             )
             small_server.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            ready = await client.get(f"{url}/ready")
+            while ready.status_code == 200 and time.monotonic() < deadline + 10:  # the signal is async
+                await asyncio.sleep(0.01)
+                ready = await client.get(f"{url}/ready")
             refused = [
+                ready,
                 await client.post(f"{url}/v1/chat/completions", json=stream_body("late", 4)),
                 await client.post(
                     f"{url}/v1/completions", json={"model": MODEL, "prompt": "late", "max_tokens": 2}
                 ),
-                await client.get(f"{url}/ready"),
             ]
+            assert not all(task.done() for task in streams), "streams ended before the late requests"
             results = await asyncio.gather(*streams)
         return results, refused, await asyncio.to_thread(small_server.process.wait, 60)
 
