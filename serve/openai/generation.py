@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
 
 from serve import metrics
 from serve.engine.protocol import ChoiceDelta, EngineOutput
@@ -66,17 +67,21 @@ def sampling_params(
     frequency_penalty: float,
     logprobs: int | None,
 ) -> SamplingParams:
-    return SamplingParams(
-        n=n,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stop=[stop] if isinstance(stop, str) else stop,
-        seed=seed,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        logprobs=logprobs,
-    )
+    """vLLM's sampling parameters; a combination vLLM refuses is the client's 400, never a 500."""
+    try:
+        return SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=[stop] if isinstance(stop, str) else stop,
+            seed=seed,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logprobs=logprobs,
+        )
+    except (ValueError, VLLMClientError) as err:
+        raise OpenAIError(400, f"invalid sampling parameters: {err}") from None
 
 
 @dataclass

@@ -5,9 +5,12 @@ Invariant: unknown fields are refused (400 naming the field) rather than silentl
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+StopString = Annotated[str, Field(min_length=1)]
+StopSequences = StopString | list[StopString]  # an empty stop string would end every generation at once
 
 
 class _Strict(BaseModel):
@@ -40,7 +43,7 @@ class ChatCompletionRequest(_Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: StopSequences | None = None
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)

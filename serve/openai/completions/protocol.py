@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.openai.chat.protocol import StreamOptions
+from serve.openai.chat.protocol import StopSequences, StreamOptions
 
 
 class CompletionRequest(BaseModel):
@@ -16,7 +16,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: StopSequences | None = None
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)

@@ -110,6 +110,26 @@ def test_engine_failure_without_stream_is_a_500(client: TestClient, engine: Fake
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("stop", ["", ["ok", ""]])
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
+def test_empty_stop_string_is_a_400(client: TestClient, endpoint: str, stop: str | list[str]) -> None:
+    body = {**CHAT, "stop": stop} if "chat" in endpoint else {"model": "fake", "prompt": "hi", "stop": stop}
+    reply = client.post(endpoint, json=body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_sampling_parameters_vllm_refuses_are_a_400() -> None:
+    from serve.errors import OpenAIError
+    from serve.openai.generation import sampling_params
+
+    args: dict[str, Any] = {"n": 1, "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": None}
+    args |= {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": None}
+    with pytest.raises(OpenAIError) as refused:
+        sampling_params(stop=[""], **args)  # what the wire models refuse, should it ever get through
+    assert refused.value.status == 400 and "sampling parameters" in str(refused.value.body())
+
+
 def test_unknown_fields_are_refused(client: TestClient) -> None:
     reply = client.post("/v1/chat/completions", json={**CHAT, "temprature": 0.5})
     assert reply.status_code == 400
