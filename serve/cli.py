@@ -18,6 +18,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
+from uvicorn.loops.auto import auto_loop_factory
 
 from core.errors import StackError
 from serve.settings import ServeSettings, parse_settings
@@ -142,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             model_dir = ensure_default_model()
             settings = default_model_settings(settings)
-        asyncio.run(_serve(settings, model_dir))
+        # uvloop where installed, as `uvicorn.run` and vLLM's own server do (asyncio.run would not): the
+        # event loop and socket writes of every streamed chunk run in C.
+        with asyncio.Runner(loop_factory=auto_loop_factory(use_subprocess=False)) as runner:
+            runner.run(_serve(settings, model_dir))
     except StackError as err:
         sys.stderr.write(f"serve: error: {err}\n")
         sys.exit(2)
