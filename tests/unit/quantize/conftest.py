@@ -7,14 +7,27 @@ two CPU cores; group size 32 gives several groups per row of the tiny model's 12
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from quantize.config import CalibrationConfig, EvalConfig
 
+if TYPE_CHECKING:
+    import torch
+
 CALIBRATION = CalibrationConfig(num_samples=8, max_seq_len=64)
 EVAL = EvalConfig(eval_samples=8, eval_seq_len=64)
 GROUP_SIZE = 32
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an artifact's single `model.safetensors`, by name."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
 
 
 @pytest.fixture(scope="session")

@@ -14,26 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from core.artifact import verify_artifact
 from core.errors import ConfigError
 from quantize.config import AwqConfig, GptqConfig, validated
-from tests.unit.quantize.conftest import GROUP_SIZE
+from tests.unit.quantize.conftest import GROUP_SIZE, LINEARS, checkpoint_tensors
 
 FORMATS = ["awq", "gptq"]
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble j of a word holds column AWQ_PACK_ORDER[j]
 
 
 @pytest.fixture(params=FORMATS)
 def artifact(request: pytest.FixtureRequest) -> tuple[str, Path]:
     return request.param, request.getfixturevalue(f"{request.param}_classic_artifact")
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
 
 
 def _unpack_columns(packed: torch.Tensor) -> torch.Tensor:
@@ -88,7 +81,7 @@ def test_config_declares_the_classic_format(artifact: tuple[str, Path]) -> None:
 
 def test_weights_are_packed_4bit_with_at_most_16_levels_per_group(artifact: tuple[str, Path]) -> None:
     fmt, folder = artifact
-    tensors = _tensors(folder)
+    tensors = checkpoint_tensors(folder)
     prefixes = sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
     assert len(prefixes) == 2 * len(LINEARS)  # every Linear of both layers, lm_head excluded
     assert not any(f"{p}.weight" in tensors for p in prefixes)  # no full-precision copy left behind
@@ -115,7 +108,7 @@ def test_transformers_computes_with_the_packed_grid_and_generates(artifact: tupl
     model = load_causal_lm(folder, device_map="cpu")
     layer = model.model.layers[1].mlp.down_proj
     assert type(layer).__module__.startswith("gptqmodel.")  # the quantized kernel, not a dequantized Linear
-    weight = _dequantize(_tensors(folder), "model.layers.1.mlp.down_proj", fmt)
+    weight = _dequantize(checkpoint_tensors(folder), "model.layers.1.mlp.down_proj", fmt)
     with torch.no_grad():
         computed = layer(torch.eye(weight.shape[1], dtype=model.dtype)).T.float()
     # Equal up to 16-bit rounding (kernels may fold zero * scale first): far below one quantization step

@@ -8,23 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from core.artifact import verify_artifact
-from tests.unit.quantize.conftest import GROUP_SIZE
+from tests.unit.quantize.conftest import GROUP_SIZE, LINEARS, checkpoint_tensors
 
 METHODS = ["awq", "gptq", "rtn"]
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(params=METHODS)
 def artifact(request: pytest.FixtureRequest) -> tuple[str, Path]:
     return request.param, request.getfixturevalue(f"{request.param}_artifact")
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
 
 
 def _dequantize(tensors: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +66,7 @@ def test_config_declares_packed_4bit_compressed_tensors(artifact: tuple[str, Pat
 
 def test_weights_are_packed_int32_with_at_most_16_levels_per_group(artifact: tuple[str, Path]) -> None:
     _, folder = artifact
-    tensors = _tensors(folder)
+    tensors = checkpoint_tensors(folder)
     prefixes = sorted(k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed"))
     assert len(prefixes) == 2 * len(LINEARS)  # every Linear of both layers, lm_head excluded
     assert not any(f"{p}.weight" in tensors for p in prefixes)  # no full-precision copy left behind
@@ -92,7 +85,7 @@ def test_transformers_computes_with_the_dequantized_grid(rtn_artifact: Path, tin
     source weight to the nearest level (error at most half a step)."""
     from core.models import load_causal_lm
 
-    tensors = _tensors(rtn_artifact)
+    tensors = checkpoint_tensors(rtn_artifact)
     prefix = "model.layers.1.mlp.down_proj"
     weight, scale = _dequantize(tensors, prefix)
     model = load_causal_lm(rtn_artifact, device_map="cpu")
