@@ -10,29 +10,26 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from core.config import StrictModel, describe_validation_error
 from core.errors import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
-class AdapterSpec(BaseModel):
+class AdapterSpec(StrictModel, frozen=True):
     """One adapter to serve: the `model` name clients use, and its PEFT folder."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=NAME_PATTERN, description="The name clients pass as `model`.")
     path: Path = Field(description="Folder with adapter_config.json and the adapter weights.")
     source: str = Field(default="", exclude=True, description="Where the spec came from (for messages).")
 
 
-class RegistryFile(BaseModel):
+class RegistryFile(StrictModel):
     """The YAML registry file: `adapters: [{name: ..., path: ...}, ...]`; relative paths are relative to
     the file's folder."""
-
-    model_config = ConfigDict(extra="forbid")
 
     adapters: list[AdapterSpec] = Field(default_factory=list)
 
@@ -72,9 +69,7 @@ def read_registry_file(path: Path) -> list[AdapterSpec]:
     try:
         return RegistryFile.model_validate(raw).adapters
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in err.errors()
-        )
+        problems = describe_validation_error(err, top_level="file")
         raise ConfigError(f"adapter registry {path} is invalid: {problems}") from None
 
 

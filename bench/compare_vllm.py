@@ -32,7 +32,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from bench.engine_direct import CPU_ENV_DEFAULTS, add_engine_arguments
+from bench.engine_direct import add_engine_arguments
 from bench.prompts import build_prompts, prompts_digest
 from bench.serve_bench import (
     Summary,
@@ -42,6 +42,7 @@ from bench.serve_bench import (
     run_levels,
     wait_ready,
 )
+from serve.engine import cpu_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("ours", "vllm", "engine")
@@ -121,8 +122,7 @@ def server_command(name: str, model: Path, served: str, port: int, args: argpars
 
 def contender_env() -> dict[str, str]:
     env = dict(os.environ)
-    for key, value in {**CPU_ENV_DEFAULTS, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
-        env.setdefault(key, value)
+    cpu_env.apply_defaults(env)
     return env
 
 

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -31,9 +30,7 @@ from bench.serve_bench import (
     format_table,
     summarize,
 )
-
-# vLLM's CPU environment (DESIGN.md; the defaults `serve` applies), set only where the user has not.
-CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1"}
+from serve.engine import cpu_env
 
 
 def engine_args(args: argparse.Namespace) -> Any:
@@ -159,8 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_arguments(parser)
     add_load_arguments(parser)
     args = parser.parse_args(argv)
-    for key, value in CPU_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    cpu_env.apply_defaults(offline=False)
     summaries = asyncio.run(run(args))
     prompts = build_prompts(args.num_prompts, seed=args.seed)
     print(f"engine-direct: prompts digest {prompts_digest(prompts)}")

@@ -20,8 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from core.config import StrictModel, describe_validation_error
 from core.errors import ArtifactError
 
 MANIFEST_NAME = "artifact.json"
@@ -31,18 +32,14 @@ _CHUNK = 1 << 20
 ArtifactKind = Literal["awq", "gptq", "rtn", "nf4", "merged", "distilled", "lora", "base"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SourceModel(_Strict):
+class SourceModel(StrictModel):
     """The model an artifact was made from."""
 
     path: str = Field(description="Where the source was read from (path or name).")
     digest: str = Field(description="sha256 over the source folder's file digests (see `folder_digest`).")
 
 
-class DataInfo(_Strict):
+class DataInfo(StrictModel):
     """Data used to make an artifact (calibration, training or distillation text)."""
 
     name: str = Field(description="File path or built-in corpus name.")
@@ -51,7 +48,7 @@ class DataInfo(_Strict):
     num_tokens: int | None = Field(default=None, ge=0)
 
 
-class Quality(_Strict):
+class Quality(StrictModel):
     """Measured quality on held-out text. `None` means not measured (never a guess)."""
 
     eval_data: DataInfo | None = None
@@ -64,7 +61,7 @@ class Quality(_Strict):
     )
 
 
-class ManifestDraft(_Strict):
+class ManifestDraft(StrictModel):
     """What a producer knows; `write_artifact` adds the schema version, time and file digests."""
 
     kind: ArtifactKind
@@ -193,9 +190,7 @@ def read_manifest(folder: Path) -> Manifest:
     try:
         return Manifest.model_validate_json(path.read_text())
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ArtifactError(f"{path} is malformed: {where}: {first['msg']}") from None
+        raise ArtifactError(f"{path} is malformed: {describe_validation_error(err, limit=1)}") from None
 
 
 def verify_artifact(folder: Path) -> Manifest:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from core.errors import ConfigError
+from core.config import StrictModel, validate_config
 
 SUPPORTED_BITS = (4, 8)
 COMPRESSED_TENSORS: Final = "compressed-tensors"
@@ -19,11 +19,7 @@ GPTQMODEL_AWQ_GRID: Final = 20  # gptqmodel's AWQ scale search: fixed grid, alwa
 GPTQMODEL_GPTQ_BLOCK: Final = 128  # gptqmodel's GPTQ: fixed block of columns
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CalibrationConfig(Strict):
+class CalibrationConfig(StrictModel):
     """Text that the calibrated methods (AWQ, GPTQ) run through the model."""
 
     calib_data: str | None = Field(
@@ -36,7 +32,7 @@ class CalibrationConfig(Strict):
     max_seq_len: int = Field(default=512, ge=8, description="Tokens per calibration sample (truncated).")
 
 
-class EvalConfig(Strict):
+class EvalConfig(StrictModel):
     """Held-out evaluation: perplexity, and against a reference model mean KL and top-1 agreement."""
 
     eval_data: str | None = Field(
@@ -48,7 +44,7 @@ class EvalConfig(Strict):
     eval_seq_len: int = Field(default=256, ge=8, description="Tokens per evaluation sample (truncated).")
 
 
-class WeightQuantConfig(Strict):
+class WeightQuantConfig(StrictModel):
     """Integer weight-only quantization (activations stay 16-bit: W4A16 / W8A16)."""
 
     bits: int = Field(
@@ -127,7 +123,7 @@ class RtnConfig(WeightQuantConfig):
     )
 
 
-class Nf4Config(Strict):
+class Nf4Config(StrictModel):
     """bitsandbytes 4-bit NormalFloat weights, saved pre-quantized (transformers `BitsAndBytesConfig`)."""
 
     double_quant: bool = Field(
@@ -138,7 +134,7 @@ class Nf4Config(Strict):
     )
 
 
-class MergeLoraConfig(Strict):
+class MergeLoraConfig(StrictModel):
     """Fold LoRA adapters into a full-precision base (PEFT `merge_and_unload`)."""
 
     adapters: list[Path] = Field(min_length=1, description="Adapter folders (PEFT format), merged in order.")
@@ -170,12 +166,4 @@ C = TypeVar("C", bound=BaseModel)
 
 def validated(model: type[C], **values: object) -> C:
     """Build a config, turning every validation problem into one `ConfigError` line."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or model.__name__}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors()
-        )
-        raise ConfigError(problems) from None
+    return validate_config(model, values)

@@ -20,21 +20,19 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from uvicorn.loops.auto import auto_loop_factory
 
+from core.config import describe_validation_error
 from core.errors import StackError
+from serve.engine import cpu_env
 from serve.settings import ServeSettings, parse_settings
 
 log = logging.getLogger("serve")
-
-# vLLM CPU defaults (DESIGN.md): without a KV cache size vLLM takes most of the RAM; stats stay local.
-CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1"}
 
 
 def apply_env_defaults(settings: ServeSettings) -> None:
     """Set vLLM's environment defaults for this machine unless the user set them."""
     if settings.cpu_kvcache_space_gib is not None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space_gib)
-    for key, value in CPU_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    cpu_env.apply_defaults(offline=False)
 
 
 class DrainingServer(uvicorn.Server):
@@ -121,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = parse_settings(argv)
     except ValidationError as err:
-        for problem in err.errors():
-            where = ".".join(str(p) for p in problem["loc"]) or "settings"
-            sys.stderr.write(f"serve: error: {where}: {problem['msg']}\n")
+        sys.stderr.write(f"serve: error: {describe_validation_error(err, top_level='settings')}\n")
         sys.exit(2)
     except SettingsError as err:  # an environment value pydantic-settings cannot decode (lists are JSON)
         hint = """list settings are JSON lists in the environment, e.g. LLMSTACK_API_KEY='["key-1"]'"""

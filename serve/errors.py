@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.config import describe_problems
 from core.errors import StackError
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        message = "; ".join(f"{_validation_param(e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
+        message = (
+            describe_problems(errors, top_level="body", limit=5, skip_loc=("body",)) or "invalid request"
+        )
         return error_response(OpenAIError(400, message, param=_validation_param(first["loc"])))
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from serve.engine import cpu_env
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASSET_CACHE = REPO_ROOT / ".cache" / "test-assets"
 
-# Set before any test imports transformers or vLLM.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+cpu_env.apply_defaults()  # before any test imports transformers or vLLM
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

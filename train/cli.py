@@ -12,11 +12,11 @@ from typing import Annotated, Any
 
 import typer
 from accelerate import PartialState
-from pydantic import ValidationError
 
+from core.config import validate_config
 from core.errors import ConfigError, StackError
 from core.models import read_config
-from train.config import LoraRecipe, format_validation_error, load_recipe, recipe_mapping
+from train.config import LoraRecipe, load_recipe, recipe_mapping
 from train.memory import estimate_memory, format_estimate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA fine-tuning and distillation.")
@@ -84,10 +84,7 @@ def distill(
     settings["compare_hard_labels"] = compare_hard_labels or settings.get("compare_hard_labels", False)
     if output.exists() and any(output.iterdir()):
         raise ConfigError(f"output {output} already exists and is not empty")
-    try:
-        distill_config = DistillConfig.model_validate(settings)
-    except ValidationError as err:
-        raise ConfigError(f"distill settings: {format_validation_error(err)}") from None
+    distill_config = validate_config(DistillConfig, settings, context="distill settings")
     result = run_distill(distill_config, output)
     if PartialState().is_main_process:
         typer.echo(result.model_dump_json(indent=2))

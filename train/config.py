@@ -10,18 +10,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
+from core.config import StrictModel, validate_config
 from core.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class OptimConfig(Strict):
+class OptimConfig(StrictModel):
     """AdamW with linear warmup then cosine decay to a floor."""
 
     lr: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
@@ -34,7 +31,7 @@ class OptimConfig(Strict):
     grad_clip: float | None = Field(default=1.0, gt=0, description="Max gradient L2 norm; null disables.")
 
 
-class LoopConfig(Strict):
+class LoopConfig(StrictModel):
     """The shared training loop (used by LoRA fine-tuning and distillation)."""
 
     epochs: int = Field(default=1, ge=1, description="Passes over the data (ignored when max_steps is set).")
@@ -69,7 +66,7 @@ class LoopConfig(Strict):
     progress: bool = True
 
 
-class DataConfig(Strict):
+class DataConfig(StrictModel):
     """Chat records (`{"messages": [...]}` per JSONL line) for supervised fine-tuning."""
 
     max_length: int = Field(default=512, ge=8, description="Longest rendered conversation, in tokens.")
@@ -81,7 +78,7 @@ class DataConfig(Strict):
     )
 
 
-class LoraSettings(Strict):
+class LoraSettings(StrictModel):
     """PEFT LoRA settings. vLLM serves rank <= its max_lora_rank (16 by default)."""
 
     rank: int = Field(default=8, ge=1)
@@ -93,7 +90,7 @@ class LoraSettings(Strict):
     )
 
 
-class LoraRecipe(Strict):
+class LoraRecipe(StrictModel):
     """A LoRA fine-tuning recipe: `train lora --config recipe.yaml`."""
 
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -102,15 +99,6 @@ class LoraRecipe(Strict):
 
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def format_validation_error(err: ValidationError) -> str:
-    """Every problem of a validation error on one line: `a.b: msg; c: msg`."""
-    parts = []
-    for problem in err.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        parts.append(f"{where}: {problem['msg']}")
-    return "; ".join(parts)
 
 
 def recipe_mapping(path: Path | str) -> dict[str, Any]:
@@ -131,7 +119,4 @@ def recipe_mapping(path: Path | str) -> dict[str, Any]:
 def load_recipe(path: Path | str, model: type[M]) -> M:
     """Parse a YAML recipe into `model`; every problem is reported together in one `ConfigError`."""
     raw = recipe_mapping(path)
-    try:
-        return model.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(f"recipe {path}: {format_validation_error(err)}") from None
+    return validate_config(model, raw, context=f"recipe {path}")

@@ -25,11 +25,12 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from core.config import StrictModel
 from core.errors import ConfigError
 from core.models import load_causal_lm, load_tokenizer, read_config
 from core.textdata import BUILTIN_CORPUS, load_texts
 from train.checkpoint import is_sharded
-from train.config import LoopConfig, Strict
+from train.config import LoopConfig
 from train.data import Example, collate, tokenize_texts
 from train.loop import Batch, TrainTask, make_accelerator, token_ce_sum, train
 from train.report import LOG_NAME, PLOT_NAME
@@ -37,7 +38,7 @@ from train.report import LOG_NAME, PLOT_NAME
 log = logging.getLogger(__name__)
 
 
-class DistillConfig(Strict):
+class DistillConfig(StrictModel):
     """What to distil, into what, on which text."""
 
     teacher: Path = Field(description="Teacher model folder.")
@@ -80,7 +81,7 @@ class DistillConfig(Strict):
         return self
 
 
-class DistillResult(Strict):
+class DistillResult(StrictModel):
     """Measured outcome (losses are mean next-token cross-entropy on held-out text, nats/token)."""
 
     heldout_loss: float

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from serve import vllm_plugin
+from serve.vllm_plugin import lora_fix as vllm_plugin
 from tests.support.lora import build_lora_adapter
 
 PROMPTS = ["The quick brown fox", "def main():\n    return"]

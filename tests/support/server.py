@@ -46,15 +46,13 @@ from pathlib import Path
 
 import httpx
 
+from serve.engine import cpu_env
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
+    **cpu_env.CPU_ENV_DEFAULTS,
+    **cpu_env.OFFLINE_ENV_DEFAULTS,
 }
 
 

