@@ -1,6 +1,6 @@
 """The adapter registry: which adapters the server serves, under which names and vLLM ids.
 
-It is the server's `ModelRouter` (serve/routing.py) once adapters can change at run time.
+It is the server's `ModelRouter` (adapters/routing.py) whenever LoRA is enabled.
 
 Invariants:
 - a name maps to one adapter at a time, with an int id that stays the same while it is registered; ids are
@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Protocol
 from adapters.base import BaseModelProfile
 from adapters.discovery import AdapterSpec
 from adapters.errors import AdapterError, AdapterExists, AdapterNotFound
+from adapters.routing import ModelEntry, ModelNotFound, Route
 from adapters.validation import AdapterInfo, validate_adapter
 from core.errors import ConfigError
-from serve.routing import ModelEntry, Route, unknown_model
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -93,7 +93,7 @@ class AdapterRegistry:
             return Route(model, None)
         entry = self._entries.get(model)
         if entry is None or entry.unloading:
-            raise unknown_model(model)
+            raise ModelNotFound(model)
         return Route(model, entry.lora_request())
 
     def models(self) -> list[ModelEntry]:
@@ -110,7 +110,7 @@ class AdapterRegistry:
             return
         entry = self._entries.get(route.model)
         if entry is None or entry.unloading or entry.lora_id != route.lora.lora_int_id:
-            raise unknown_model(route.model)
+            raise ModelNotFound(route.model)
         entry.in_flight += 1
         entry.requests += 1
         entry.idle.clear()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request, Response
 
+from adapters.routing import BaseModelRouter, ModelRouter
 from serve import metrics
 from serve.engine.protocol import Engine
 from serve.errors import OpenAIError, error_response, install_error_handlers
@@ -16,17 +17,15 @@ from serve.openai.adapters.router import router as adapters_router
 from serve.openai.chat.router import router as chat_router
 from serve.openai.completions.router import router as completions_router
 from serve.openai.models.router import router as models_router
-from serve.routing import ModelRouter, StaticRouter
 from serve.settings import ServeSettings
 from serve.state import ServerState
 
 
-def default_router(settings: ServeSettings, base_root: str) -> StaticRouter:
-    """The router for `--served-model-name` and `--lora-modules`."""
+def default_router(settings: ServeSettings, base_root: str) -> BaseModelRouter:
+    """The base model under `--served-model-name` (default: its folder's name)."""
     from pathlib import Path
 
-    name = settings.served_model_name or Path(base_root).name
-    return StaticRouter(name, base_root, settings.adapters())
+    return BaseModelRouter(settings.served_model_name or Path(base_root).name, base_root)
 
 
 def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | None = None) -> FastAPI:

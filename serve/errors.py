@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.routing import ModelNotFound
 from core.config import describe_problems
 from core.errors import StackError
 
@@ -71,6 +72,8 @@ def as_openai_error(exc: BaseException) -> OpenAIError:
     """Our own errors keep their status; user errors from `core` are 400; anything else is a 500."""
     if isinstance(exc, OpenAIError):
         return exc
+    if isinstance(exc, ModelNotFound):
+        return OpenAIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, StackError):
         return OpenAIError(400, str(exc))
     log.exception("unexpected error", exc_info=exc)

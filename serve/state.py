@@ -6,13 +6,13 @@ finished (streams included), so a drain can wait for it to reach zero.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from adapters.routing import ModelRouter
 from serve import metrics
 from serve.admission import Admission
 from serve.auth import KeyRing
 from serve.engine.protocol import Engine
-from serve.routing import ModelRouter
 from serve.settings import ServeSettings
 
 
@@ -27,7 +27,6 @@ class ServerState:
     key_labels: metrics.BoundedLabels
     draining: bool = False
     in_flight: int = 0
-    _models_seen: set[str] = field(default_factory=set)
 
     @classmethod
     def create(cls, settings: ServeSettings, engine: Engine, router: ModelRouter) -> ServerState:

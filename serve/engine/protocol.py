@@ -72,14 +72,8 @@ class Engine(Protocol):
 
     async def remove_lora(self, lora_id: int) -> bool: ...
 
-    async def list_loras(self) -> set[int]: ...
-
     async def check_health(self) -> None:
         """Raise if the engine is dead."""
-
-    def num_unfinished_requests(self) -> int:
-        """Requests the engine is still working on (0 after every request finished or was aborted)."""
-        ...
 
     def kv_cache_usage(self) -> float | None:
         """Fraction of the KV cache in use at the last scheduler step, if the engine reports it."""

@@ -109,14 +109,8 @@ class VLLMEngine:
     async def remove_lora(self, lora_id: int) -> bool:
         return await self._llm.remove_lora(lora_id)
 
-    async def list_loras(self) -> set[int]:
-        return await self._llm.list_loras()
-
     async def check_health(self) -> None:
         await self._llm.check_health()
-
-    def num_unfinished_requests(self) -> int:
-        return int(self._llm.get_num_unfinished_requests())
 
     def kv_cache_usage(self) -> float | None:
         return self._stats.kv_cache_usage

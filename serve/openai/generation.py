@@ -19,10 +19,10 @@ import anyio
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
 
+from adapters.routing import Route
 from serve import metrics
 from serve.engine.protocol import ChoiceDelta, EngineOutput
 from serve.errors import OpenAIError
-from serve.routing import Route
 from serve.state import ServerState
 
 

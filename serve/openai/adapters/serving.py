@@ -11,10 +11,10 @@ from adapters.base import BaseModelProfile
 from adapters.discovery import AdapterSpec, collect
 from adapters.errors import AdapterError, AdapterExists, AdapterNotFound
 from adapters.registry import AdapterRegistry, LoRAEngine
+from adapters.routing import ModelRouter
 from core.errors import StackError
 from serve.errors import OpenAIError
 from serve.openai.adapters.protocol import AdapterCard, AdapterList, LoadAdapterRequest
-from serve.routing import ModelRouter
 from serve.settings import ServeSettings
 from serve.state import ServerState
 

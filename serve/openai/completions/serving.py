@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from adapters.routing import Route
 from serve import metrics
 from serve.engine.protocol import TokenLogprob
 from serve.errors import OpenAIError, as_openai_error, sse_error_frame
@@ -28,7 +29,6 @@ from serve.openai.generation import (
     sampling_params,
     sse,
 )
-from serve.routing import Route
 from serve.state import ServerState
 
 

@@ -14,8 +14,8 @@ from adapters.base import BaseModelProfile
 from adapters.discovery import AdapterSpec
 from adapters.errors import AdapterError, AdapterExists, AdapterNotFound
 from adapters.registry import AdapterRegistry
+from adapters.routing import ModelNotFound
 from core.errors import ConfigError
-from serve.errors import OpenAIError
 
 pytestmark = pytest.mark.anyio
 
@@ -60,10 +60,10 @@ async def test_load_routes_the_name_to_a_lora_request(
     assert [(m.id, m.parent) for m in registry.models()] == [("tiny", None), ("sql", "tiny")]
 
 
-async def test_unknown_model_is_a_404_on_param_model(registry: AdapterRegistry) -> None:
-    with pytest.raises(OpenAIError) as err:
+async def test_unknown_model_is_model_not_found(registry: AdapterRegistry) -> None:
+    with pytest.raises(ModelNotFound) as err:
         registry.resolve("nope")
-    assert (err.value.status, err.value.param) == (404, "model")
+    assert err.value.model == "nope"
 
 
 async def test_ids_are_stable_per_registration_and_never_reused(
@@ -111,7 +111,7 @@ async def test_engine_refusal_is_an_adapter_error(profile: BaseModelProfile, goo
     registry = AdapterRegistry(profile, RecordingEngine(accept=False), max_lora_rank=8)
     with pytest.raises(AdapterError, match="engine refused"):
         await registry.load("a", good_adapter)
-    with pytest.raises(OpenAIError):
+    with pytest.raises(ModelNotFound):
         registry.resolve("a")
 
 
@@ -125,7 +125,7 @@ async def test_unload_waits_for_in_flight_requests(
         await asyncio.sleep(0.05)
         assert not unload.done()
         assert ("remove", entry.lora_id) not in engine.calls
-        with pytest.raises(OpenAIError):  # no new requests while it drains
+        with pytest.raises(ModelNotFound):  # no new requests while it drains
             registry.resolve("a")
         assert [m.id for m in registry.models()] == ["tiny"]
     await asyncio.wait_for(unload, 1)
@@ -142,11 +142,11 @@ async def test_a_lease_on_an_unloaded_or_replaced_adapter_is_refused(
     await registry.load("a", good_adapter)
     stale = registry.resolve("a")
     await registry.unload("a")
-    with pytest.raises(OpenAIError) as err, registry.lease(stale):
+    with pytest.raises(ModelNotFound) as err, registry.lease(stale):
         pass
-    assert err.value.status == 404
+    assert err.value.model == "a"
     await registry.load("a", good_adapter)  # same name, new id: the old route must not reach it
-    with pytest.raises(OpenAIError), registry.lease(stale):
+    with pytest.raises(ModelNotFound), registry.lease(stale):
         pass
     with registry.lease(registry.resolve("a")), registry.lease(registry.resolve("tiny")):
         pass

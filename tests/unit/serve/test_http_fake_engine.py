@@ -53,14 +53,8 @@ class FakeEngine:
     async def remove_lora(self, lora_id: int) -> bool:
         return True
 
-    async def list_loras(self) -> set[int]:
-        return set()
-
     async def check_health(self) -> None:
         return None
-
-    def num_unfinished_requests(self) -> int:
-        return 0
 
     def kv_cache_usage(self) -> float | None:
         return 0.25
