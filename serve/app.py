@@ -15,10 +15,14 @@ from serve.errors import OpenAIError, error_response, install_error_handlers
 from serve.middleware import APIMiddleware
 from serve.openai.adapters.router import router as adapters_router
 from serve.openai.chat.router import router as chat_router
+from serve.openai.chat.tools import check_tool_parser
 from serve.openai.completions.router import router as completions_router
 from serve.openai.models.router import router as models_router
+from serve.openai.tokenize.router import router as tokenize_router
+from serve.openai.version.router import router as version_router
 from serve.settings import ServeSettings
 from serve.state import ServerState
+from serve.tgi.router import router as tgi_router
 
 
 def default_router(settings: ServeSettings, base_root: str) -> BaseModelRouter:
@@ -29,7 +33,8 @@ def default_router(settings: ServeSettings, base_root: str) -> BaseModelRouter:
 
 
 def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | None = None) -> FastAPI:
-    """The API on `engine`; `router` defaults to the static one built from the settings."""
+    """The API on `engine`; `router` defaults to the base model alone."""
+    check_tool_parser(settings.tool_call_parser)
     router = router or default_router(settings, settings.model or "model")
     state = ServerState.create(settings, engine, router)
     app = FastAPI(title="llmstack serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -40,6 +45,9 @@ def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | Non
     app.include_router(completions_router)
     app.include_router(models_router)
     app.include_router(adapters_router)
+    app.include_router(tokenize_router)
+    app.include_router(version_router)
+    app.include_router(tgi_router)
 
     @app.get("/health")
     async def health() -> Response:

@@ -58,6 +58,11 @@ NUM_REQUESTS_RUNNING = Gauge("llmstack:num_requests_running", "Requests admitted
 NUM_REQUESTS_WAITING = Gauge("llmstack:num_requests_waiting", "Requests queued for admission")
 KV_CACHE_USAGE = Gauge("llmstack:kv_cache_usage_perc", "KV cache usage (1 = full) at the last engine step")
 LORA_ADAPTERS_LOADED = Gauge("llmstack:lora_adapters_loaded", "LoRA adapters known to the server")
+IGNORED_REQUEST_FIELDS = Counter(
+    "llmstack:ignored_request_fields",
+    "Unknown request fields that were ignored (names bounded; more are `other`)",
+    ["endpoint", "field"],
+)
 
 
 class BoundedLabels:

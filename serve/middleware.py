@@ -78,11 +78,8 @@ class APIMiddleware:
             for callback in cleanup:
                 callback()
             endpoint = _endpoint(scope)
-            model = scope["state"].get("model") or ""
-            label = ""
-            if model:
-                known = {m.id for m in self.state.router.models()}
-                label = self.state.model_label(model) if model in known else "unknown"
+            # The handler sets `model_label` once the model resolved; an unresolved model is "unknown".
+            label = scope["state"].get("model_label") or ("unknown" if scope["state"].get("model") else "")
             metrics.HTTP_REQUESTS.labels(endpoint, label, str(status["code"])).inc()
 
 

@@ -87,6 +87,11 @@ class ServeSettings(StackSettings):
     enforce_eager: bool | None = Field(
         None, description="disable CUDA graphs / torch.compile; default: on for CPU, off for GPU"
     )
+    tool_call_parser: str | None = Field(
+        "hermes",
+        description="vLLM tool-call parser for tool_choice 'auto' (as vLLM's --tool-call-parser); the "
+        "fallback tool prompt for templates without tools uses hermes' format",
+    )
     max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     drain_timeout_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish before exit"

@@ -1,12 +1,14 @@
 """The server's shared state, reachable from handlers as `request.app.state.server`.
 
-Invariant: `draining` only goes from False to True; `in_flight` counts API requests whose response has not
-finished (streams included), so a drain can wait for it to reach zero.
+Invariants: `draining` only goes from False to True; `in_flight` counts API requests whose response has not
+finished (streams included), so a drain can wait for it to reach zero; `settings` holds no API key (they
+live in `keys`, as digests only).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from adapters.routing import ModelRouter
 from serve import metrics
@@ -31,7 +33,7 @@ class ServerState:
     @classmethod
     def create(cls, settings: ServeSettings, engine: Engine, router: ModelRouter) -> ServerState:
         return cls(
-            settings=settings,
+            settings=settings.model_copy(update={"api_key": [], "admin_api_key": []}),
             engine=engine,
             router=router,
             keys=KeyRing.from_settings(settings),
@@ -47,3 +49,23 @@ class ServerState:
 
     def model_label(self, model: str) -> str:
         return self.model_labels(model)
+
+    @cached_property
+    def vocab_size(self) -> int:
+        """Token ids a request may name are in [0, vocab_size) (the tokenizer's, added tokens included)."""
+        return len(self.engine.tokenizer)
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The tokenizer's special token ids (TGI marks generated tokens with `special`)."""
+        return frozenset(int(t) for t in self.engine.tokenizer.all_special_ids)
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """`text`'s token ids, as `tokenizer(text).input_ids` gives them. A fast tokenizer's Rust backend is
+        called directly: the Python wrapper costs more than the tokenization itself on short prompts (and
+        tests/unit/serve check that both agree)."""
+        tokenizer = self.engine.tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -19,31 +19,51 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token with its log-probability and the most likely alternatives (best first)."""
+    """One token with its log-probability and the most likely alternatives (best first) as
+    (token id, token text, log-probability)."""
 
+    token_id: int
     token: str
     logprob: float
-    top: tuple[tuple[str, float], ...]
+    top: tuple[tuple[int, str, float], ...]
 
 
 @dataclass(frozen=True)
 class ChoiceDelta:
-    """What one sequence (`index` < n) produced since the previous output of its request."""
+    """What one sequence (`index` < n) produced since the previous output of its request.
+
+    `stop_reason` says why a `"stop"` finish happened: None for the end-of-sequence token, the stop string
+    or the stop token id otherwise (as vLLM reports it)."""
 
     index: int
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] | None
     finish_reason: str | None
+    stop_reason: str | int | None = None
+
+
+@dataclass(frozen=True)
+class TokenTiming:
+    """Engine-side timing of a request, for outputs that are not streamed token by token:
+    `first_token_latency` from the engine's arrival, and the span from first to last token."""
+
+    first_token_latency: float
+    decode_seconds: float
 
 
 @dataclass(frozen=True)
 class EngineOutput:
-    """One step of a request: deltas for the sequences that advanced; `finished` on the last one."""
+    """One step of a request: deltas for the sequences that advanced; `finished` on the last one.
+
+    `prompt_logprobs` (first output only, when asked for) has one entry per prompt token, None for the
+    first token (nothing predicts it)."""
 
     prompt_tokens: int
     choices: tuple[ChoiceDelta, ...]
     finished: bool
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    timing: TokenTiming | None = None
 
 
 class Engine(Protocol):
@@ -55,6 +75,12 @@ class Engine(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
+    @property
+    def default_sampling(self) -> dict[str, Any]:
+        """Sampling defaults from the model's `generation_config.json` (vLLM's names: temperature, top_p,
+        top_k, min_p, repetition_penalty, max_tokens); a request's own values win over these."""
+        ...
+
     def generate(
         self,
         request_id: str,
@@ -62,7 +88,8 @@ class Engine(Protocol):
         params: SamplingParams,
         lora: LoRARequest | None = None,
     ) -> AsyncGenerator[EngineOutput, None]:
-        """Deltas of the request until finished. Closing the iterator early aborts the request."""
+        """Outputs of the request until finished: deltas if `params.output_kind` is DELTA, else one final
+        output. Closing the iterator early aborts the request."""
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -7,15 +7,16 @@ only new tokens, and vLLM's own Prometheus metrics land in prometheus_client's d
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serve.engine.protocol import ChoiceDelta, EngineOutput, TokenLogprob
+from serve.engine.protocol import ChoiceDelta, EngineOutput, TokenLogprob, TokenTiming
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.logprobs import Logprob
     from vllm.lora.request import LoRARequest
     from vllm.outputs import CompletionOutput
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -63,6 +64,7 @@ class VLLMEngine:
         self._llm = llm
         self._tokenizer = tokenizer
         self._stats = stats
+        self._default_sampling: dict[str, Any] = dict(llm.model_config.get_diff_sampling_param())
 
     @classmethod
     def start(cls, settings: ServeSettings, model_dir: Path) -> VLLMEngine:
@@ -84,6 +86,10 @@ class VLLMEngine:
     def max_model_len(self) -> int:
         return int(self._llm.model_config.max_model_len)
 
+    @property
+    def default_sampling(self) -> dict[str, Any]:
+        return self._default_sampling
+
     async def generate(
         self,
         request_id: str,
@@ -92,13 +98,23 @@ class VLLMEngine:
         lora: LoRARequest | None = None,
     ) -> AsyncGenerator[EngineOutput, None]:
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
 
-        params.output_kind = RequestOutputKind.DELTA
         prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        first = True
         async for out in self._llm.generate(prompt, params, request_id, lora_request=lora):
-            choices = tuple(_delta(c, params.logprobs) for c in out.outputs)
-            yield EngineOutput(prompt_tokens=len(prompt_token_ids), choices=choices, finished=out.finished)
+            prompt_logprobs = None
+            if first and params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                prompt_logprobs = _prompt_logprobs(
+                    prompt_token_ids, out.prompt_logprobs, params.prompt_logprobs
+                )
+            first = False
+            yield EngineOutput(
+                prompt_tokens=len(prompt_token_ids),
+                choices=tuple(_delta(c, params.logprobs) for c in out.outputs),
+                finished=out.finished,
+                prompt_logprobs=prompt_logprobs,
+                timing=_timing(out.metrics) if out.finished else None,
+            )
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
@@ -119,24 +135,52 @@ class VLLMEngine:
         self._llm.shutdown()
 
 
+def _token_logprob(token_id: int, position: dict[int, Logprob], num_top: int) -> TokenLogprob:
+    """vLLM's {token id: Logprob} of one position as a `TokenLogprob` with `num_top` alternatives."""
+    chosen = position[token_id]
+    top: tuple[tuple[int, str, float], ...] = ()
+    if num_top > 0:
+        ranked = sorted(
+            position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30
+        )
+        top = tuple((tid, lp.decoded_token or "", lp.logprob) for tid, lp in ranked[:num_top])
+    return TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, top)
+
+
 def _delta(output: CompletionOutput, num_logprobs: int | None) -> ChoiceDelta:
     logprobs: tuple[TokenLogprob, ...] | None = None
     if num_logprobs is not None and output.logprobs is not None:
-        items = []
-        for token_id, position in zip(output.token_ids, output.logprobs, strict=False):
-            if position is None:
-                continue
-            chosen = position[token_id]
-            ranked = sorted(position.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)
-            top = tuple((lp.decoded_token or "", lp.logprob) for lp in ranked[:num_logprobs])
-            items.append(TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob, top=top))
-        logprobs = tuple(items)
+        logprobs = tuple(
+            _token_logprob(token_id, position, num_logprobs)
+            for token_id, position in zip(output.token_ids, output.logprobs, strict=False)
+            if position is not None
+        )
     return ChoiceDelta(
         index=output.index,
         text=output.text,
         token_ids=tuple(output.token_ids),
         logprobs=logprobs,
         finish_reason=output.finish_reason,
+        stop_reason=output.stop_reason,
+    )
+
+
+def _prompt_logprobs(
+    prompt_token_ids: list[int], positions: Sequence[dict[int, Logprob] | None], num_top: int
+) -> tuple[TokenLogprob | None, ...]:
+    return tuple(
+        None if position is None else _token_logprob(token_id, position, num_top)
+        for token_id, position in zip(prompt_token_ids, positions, strict=False)
+    )
+
+
+def _timing(stats: Any) -> TokenTiming | None:
+    """vLLM's per-request stats (present when stat logging is on) as a `TokenTiming`."""
+    if stats is None or not getattr(stats, "first_token_ts", 0.0):
+        return None
+    return TokenTiming(
+        first_token_latency=float(stats.first_token_latency),
+        decode_seconds=max(0.0, float(stats.last_token_ts) - float(stats.first_token_ts)),
     )
 
 

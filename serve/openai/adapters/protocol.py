@@ -5,17 +5,30 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from adapters.discovery import NAME_PATTERN
 from adapters.registry import AdapterEntry
+from core.config import StrictModel
 
 
-class LoadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LoadAdapterRequest(StrictModel):
     name: str = Field(pattern=NAME_PATTERN, description="The name clients will pass as `model`.")
     path: str = Field(min_length=1, description="PEFT adapter folder on the server's file system.")
+
+
+class VllmLoadLoraRequest(BaseModel):
+    """vLLM's `/v1/load_lora_adapter` body (its other fields, e.g. `load_inplace`, are ignored)."""
+
+    lora_name: str = Field(pattern=NAME_PATTERN)
+    lora_path: str = Field(min_length=1)
+
+
+class VllmUnloadLoraRequest(BaseModel):
+    """vLLM's `/v1/unload_lora_adapter` body (`lora_int_id` is accepted and ignored: names are unique)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 class AdapterCard(BaseModel):

@@ -1,10 +1,9 @@
 """Adapter management logic: registry errors become OpenAI errors (400 invalid adapter, 404 unknown name,
-409 name taken); everything else is the registry's (adapters.registry)."""
+409 name taken); everything else is the registry's (adapters.registry). Who may call it is serve/auth.py's
+(the admin role)."""
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from pathlib import Path
 
 from adapters.base import BaseModelProfile
@@ -42,24 +41,6 @@ async def start_router(
     registry = AdapterRegistry(profile, engine, max_lora_rank=settings.max_lora_rank)
     await registry.load_all(specs)
     return registry
-
-
-def check_admin(state: ServerState, authorization: str | None) -> None:
-    """When API or admin keys are set, only an `--admin-api-key` may manage adapters (401 no key, 403 not
-    an admin key); with no keys at all (auth off) the API is open like every other route."""
-    if not state.keys.enabled and not state.settings.admin_api_key:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise OpenAIError(401, "missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
-    presented = hashlib.sha256(token.strip().encode()).digest()
-    matched = False
-    for key in state.settings.admin_api_key:
-        matched |= secrets.compare_digest(presented, hashlib.sha256(key.get_secret_value().encode()).digest())
-    if not matched:
-        raise OpenAIError(
-            403, "managing adapters needs an admin API key (--admin-api-key)", code="insufficient_permissions"
-        )
 
 
 def registry_of(state: ServerState) -> AdapterRegistry:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
-from serve.auth import key_id_of
+from serve.auth import authorize
+from serve.openai.body import parse_body
 from serve.openai.chat.protocol import ChatCompletionRequest
 from serve.openai.chat.serving import create_chat_completion
 
-router = APIRouter(dependencies=[Depends(key_id_of)])
+router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    authorize(request)
+    body = await parse_body(request, ChatCompletionRequest)
     request.state.model = body.model
-    return await create_chat_completion(request.app.state.server, body, request.state.cleanup)
+    return await create_chat_completion(request.app.state.server, body, request)

@@ -1,159 +1,193 @@
-"""Chat completions: render the conversation with the model's chat template, run it, answer in OpenAI format.
+"""Chat completions on the shared pipeline: the conversation is rendered with the model's chat template
+(tools included), each output sequence becomes an assistant message (text, tool calls, logprobs).
 
-Invariant: `usage` comes from token counts (prompt ids we built, token ids the engine produced).
+Invariant: `usage` comes from token counts (the prompt ids rendered here, the token ids the engine
+produced); what differs from completions is only the prompt (a conversation), the request model and the
+shape of a choice.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import anyio
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import Response
 
 from core.chat import render_chat
-from serve import metrics
-from serve.engine.protocol import TokenLogprob
-from serve.errors import as_openai_error, sse_error_frame
+from core.errors import DataError
+from serve.engine.protocol import ChoiceDelta, EngineOutput, TokenLogprob
+from serve.errors import OpenAIError
 from serve.openai.chat.protocol import ChatCompletionRequest
-from serve.openai.generation import (
-    SSE_DONE,
-    Accumulated,
-    Usage,
-    check_context,
-    new_id,
-    run_request,
-    sampling_params,
-    sse,
-)
+from serve.openai.chat.tools import ParsedMessage, ToolPlan, ToolStream, parse_final, plan_tools
+from serve.openai.fields import check_extra_fields
+from serve.openai.pipeline import EnginePrompt, Generation, check_context, new_id, respond
 from serve.state import ServerState
 
 
-def _logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
+def chat_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
     return {
         "content": [
             {
                 "token": lp.token,
                 "logprob": lp.logprob,
                 "bytes": list(lp.token.encode()),
-                "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top],
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for _, t, v in lp.top],
             }
             for lp in items
         ]
     }
 
 
-async def create_chat_completion(
-    state: ServerState, req: ChatCompletionRequest, cleanup: list[Callable[[], None]]
-) -> JSONResponse | StreamingResponse:
-    """Answer one chat request. The admission slot's release is also put on `cleanup`, which the HTTP layer
-    runs once the response is over (whether or not a stream ever started)."""
-    arrival = time.monotonic()
+class ChatChoice:
+    """One output sequence as an assistant message (see `serve.openai.pipeline.Choice`)."""
+
+    def __init__(self, index: int, req: ChatCompletionRequest, plan: ToolPlan, state: ServerState, echo: str):
+        self.index = index
+        self._req = req
+        self._plan = plan
+        self._tokenizer = state.engine.tokenizer
+        self._echo = echo
+        self._text: list[str] = []
+        self._logprobs: list[TokenLogprob] = []
+        self._finish: str | None = None
+        self._tools: ToolStream | None = None
+
+    def start(self) -> list[dict[str, Any]]:
+        delta: dict[str, Any] = {"role": "assistant", "content": self._echo}
+        return [{"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}]
+
+    def update(self, delta: ChoiceDelta, output: EngineOutput, streaming: bool) -> list[dict[str, Any]]:
+        self._text.append(delta.text)
+        if delta.logprobs:
+            self._logprobs.extend(delta.logprobs)
+        if not streaming:
+            self._finish = delta.finish_reason or self._finish
+            return []
+        frames = []
+        if delta.text or delta.token_ids:
+            lp = chat_logprobs(delta.logprobs) if self._req.logprobs and delta.logprobs is not None else None
+            content: str | None = delta.text
+            tool_deltas: list[dict[str, Any]] = []
+            if self._plan.parses_calls:
+                if self._tools is None:
+                    self._tools = ToolStream(self._plan, self._tokenizer)
+                content, tool_deltas = self._tools.feed(delta.text, delta.token_ids)
+            if content or tool_deltas or lp is not None:
+                body: dict[str, Any] = {}
+                if content:
+                    body["content"] = content
+                if tool_deltas:
+                    body["tool_calls"] = tool_deltas
+                frames.append({"index": self.index, "delta": body, "logprobs": lp, "finish_reason": None})
+        if delta.finish_reason is not None:
+            finish = delta.finish_reason
+            if self._tools is not None and self._tools.called and finish != "length":
+                finish = "tool_calls"
+            frames.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": finish})
+        return frames
+
+    def final(self) -> dict[str, Any]:
+        text = "".join(self._text)
+        finish = self._finish
+        parsed = parse_final(self._plan, text, self._tokenizer, truncated=finish == "length")
+        message: dict[str, Any] = {"role": "assistant", "content": _with_echo(self._echo, parsed)}
+        if parsed.tool_calls:
+            message["tool_calls"] = parsed.tool_calls
+            finish = "tool_calls"
+        return {
+            "index": self.index,
+            "message": message,
+            "logprobs": chat_logprobs(self._logprobs) if self._req.logprobs else None,
+            "finish_reason": finish,
+        }
+
+
+def _with_echo(echo: str, parsed: ParsedMessage) -> str | None:
+    if parsed.content is None:
+        return echo or None
+    return echo + parsed.content
+
+
+def prepare(
+    state: ServerState, req: ChatCompletionRequest, arrival: float
+) -> tuple[Generation, ToolPlan, str]:
+    """The request as a `Generation` (nothing started), its tool plan and the text echoed before the
+    answer (vLLM's `echo`: the final message's content when the answer continues that role)."""
+    check_extra_fields(req, "chat")
     route = state.router.resolve(req.model)
+    plan = plan_tools(req, state.settings.tool_call_parser)
     tokenizer = state.engine.tokenizer
-    prompt = render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
-    prompt_ids: list[int] = tokenizer(prompt, add_special_tokens=False).input_ids
-    max_tokens = check_context(
-        len(prompt_ids), req.requested_max_tokens(), state.engine.max_model_len, "messages"
-    )
-    params = sampling_params(
-        n=req.n,
+    messages = [m.for_template() for m in req.messages]
+    try:
+        prompt = render_chat(
+            tokenizer,
+            messages,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            tools=list(plan.tools) or None,
+            template_kwargs=req.chat_template_kwargs,
+        )
+    except DataError as err:
+        raise OpenAIError(400, str(err), param="messages") from None
+    except Exception as err:  # the model's own template refused the conversation (a jinja `raise_exception`)
+        raise OpenAIError(
+            400, f"the chat template cannot render these messages: {err}", param="messages"
+        ) from None
+    prompt_ids = state.encode(prompt)
+    defaults = state.engine.default_sampling
+    requested = req.requested_max_tokens()
+    max_tokens = check_context(len(prompt_ids), requested, state.engine.max_model_len, "messages")
+    if requested is None and "max_tokens" in defaults:
+        max_tokens = min(max_tokens, int(defaults["max_tokens"]))
+    skip_special = False if plan.mode == "auto" else None  # tool-call tags may be special tokens (hermes)
+    params = req.sampling_params(
         max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=req.stop,
-        seed=req.seed,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
+        defaults=defaults,
+        vocab_size=state.vocab_size,
         logprobs=req.num_logprobs(),
+        stream=req.stream,
+        structured=plan.constraint(),
+        skip_special_tokens=skip_special,
     )
-    slot = await state.admission.acquire()
-    cleanup.append(slot.release)
-    metrics.REQUEST_QUEUE_TIME.labels(state.model_label(route.model)).observe(slot.queue_time)
-    request_id = new_id("chatcmpl")
-    created = int(time.time())
-    usage = Usage()
-    outputs = run_request(state, route, request_id, prompt_ids, params, usage, arrival)
+    last = req.messages[-1]
+    echo = (last.text() or "") if req.echo and last.role == "assistant" else ""
+    gen = Generation(
+        state=state,
+        route=route,
+        prompts=[EnginePrompt(prompt_ids, params)],
+        n=req.n,
+        request_id=new_id("chatcmpl"),
+        arrival=arrival,
+        stream=req.stream,
+    )
+    return gen, plan, echo
 
-    if not req.stream:
-        try:
-            choices = [Accumulated() for _ in range(req.n)]
-            async for out in outputs:
-                for delta in out.choices:
-                    choices[delta.index].add(delta)
-        finally:
-            slot.release()
-        body = {
-            "id": request_id,
+
+async def create_chat_completion(
+    state: ServerState, req: ChatCompletionRequest, request: Request
+) -> Response:
+    """Answer one chat request (streamed or not)."""
+    gen, plan, echo = prepare(state, req, time.monotonic())
+    request.state.model_label = gen.label
+    choices = [ChatChoice(i, req, plan, state, echo) for i in range(req.n)]
+    envelope = {"id": gen.request_id, "created": gen.created, "model": req.model}
+    options = req.stream_options
+
+    def body() -> dict[str, Any]:
+        return {
+            **envelope,
             "object": "chat.completion",
-            "created": created,
-            "model": req.model,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": "".join(c.text)},
-                    "logprobs": _logprobs(c.logprobs) if req.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(choices)
-            ],
-            "usage": usage.as_dict(),
+            "choices": [c.final() for c in choices],
+            "usage": gen.usage.as_dict(),
         }
-        return JSONResponse(body)
 
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    def chunk(choices: list[dict[str, Any]], with_usage: dict[str, int] | None = None) -> str:
-        payload: dict[str, Any] = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": req.model,
-            "choices": choices,
-        }
-        if include_usage:
-            payload["usage"] = with_usage
-        return sse(payload)
-
-    async def stream() -> AsyncIterator[str]:
-        try:
-            for i in range(req.n):
-                delta = {"role": "assistant", "content": ""}
-                yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
-            async for out in outputs:
-                for d in out.choices:
-                    if d.text or d.token_ids:
-                        lp = _logprobs(d.logprobs) if req.logprobs and d.logprobs is not None else None
-                        yield chunk(
-                            [
-                                {
-                                    "index": d.index,
-                                    "delta": {"content": d.text},
-                                    "logprobs": lp,
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                    if d.finish_reason is not None:
-                        yield chunk(
-                            [
-                                {
-                                    "index": d.index,
-                                    "delta": {},
-                                    "logprobs": None,
-                                    "finish_reason": d.finish_reason,
-                                }
-                            ]
-                        )
-            if include_usage:
-                yield chunk([], usage.as_dict())
-        except Exception as exc:
-            yield sse_error_frame(as_openai_error(exc))
-        finally:
-            with anyio.CancelScope(shield=True):  # the client may be gone: finish the clean-up anyway
-                await outputs.aclose()
-            slot.release()
-        yield SSE_DONE
-
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    return await respond(
+        request,
+        gen,
+        choices,
+        {**envelope, "object": "chat.completion.chunk"},
+        body,
+        include_usage=bool(options and options.include_usage),
+        continuous_usage=bool(options and options.include_usage and options.continuous_usage_stats),
+    )

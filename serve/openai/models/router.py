@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
-from serve.auth import key_id_of
+from serve.auth import authorize
 from serve.openai.models.protocol import ModelCard, ModelList
 from serve.state import ServerState
 
-router = APIRouter(dependencies=[Depends(key_id_of)])
+router = APIRouter()
 _STARTED = int(time.time())
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
+    authorize(request)
     state: ServerState = request.app.state.server
     max_len = state.engine.max_model_len
     cards = [
