@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve.auth import authorize
-from serve.errors import OpenAIError
+from serve.errors import OpenAIError, as_openai_error
 from serve.openai.body import parse_body
 from serve.state import ServerState
 from serve.tgi.protocol import GenerateRequest
@@ -23,8 +23,8 @@ async def _generate(request: Request, *, stream: bool | None, as_list: bool = Fa
         request.state.model = body.parameters.adapter_id or request.app.state.server.router.base_name
         wants_stream = body.stream if stream is None else stream
         return await generate(request.app.state.server, body, request, stream=wants_stream, as_list=as_list)
-    except OpenAIError as err:
-        return tgi_error(err)
+    except Exception as exc:  # every error in TGI's shape, ours (400, 404, 429) and unexpected ones (500)
+        return tgi_error(as_openai_error(exc))
 
 
 @router.post("/generate")

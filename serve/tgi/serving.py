@@ -77,8 +77,11 @@ def _finish_reason(delta: ChoiceDelta) -> str:
 class TGIAnswer:
     """The one sequence of a TGI request, token by token (a `serve.openai.pipeline.Choice`)."""
 
-    def __init__(self, params: Parameters, special_ids: frozenset[int], prompt_text: str) -> None:
+    def __init__(
+        self, params: Parameters, special_ids: frozenset[int], prompt_text: str, first_token: tuple[int, str]
+    ) -> None:
         self._params = params
+        self._first_token = first_token
         self._special = special_ids
         self._prompt_text = prompt_text
         self.text: list[str] = []
@@ -95,10 +98,12 @@ class TGIAnswer:
 
     def update(self, delta: ChoiceDelta, output: EngineOutput, streaming: bool) -> list[dict[str, Any]]:
         if output.prompt_logprobs is not None:
+            first_id, first_text = self._first_token  # nothing predicts the first token: no logprob
             self.prefill = [
-                {"id": lp.token_id, "text": lp.token, "logprob": lp.logprob}
+                {"id": first_id, "text": first_text, "logprob": None}
+                if lp is None
+                else {"id": lp.token_id, "text": lp.token, "logprob": lp.logprob}
                 for lp in output.prompt_logprobs
-                if lp is not None
             ]
         self.text.append(delta.text)
         new: list[dict[str, Any]] = []
@@ -186,7 +191,9 @@ async def generate(
     gen = prepare(state, req, stream, time.monotonic())
     request.state.model_label = gen.label
     params = req.parameters
-    answer = TGIAnswer(params, state.special_ids, req.inputs)
+    first_id = gen.prompts[0].token_ids[0]
+    first_token = (first_id, str(state.engine.tokenizer.decode([first_id])))
+    answer = TGIAnswer(params, state.special_ids, req.inputs, first_token)
     seed = params.seed if params.samples() else None
     slot = await admitted(state, request, gen)
     if not stream:

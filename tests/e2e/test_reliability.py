@@ -20,11 +20,11 @@ import asyncio
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.artifact import ManifestDraft, write_artifact
+from tests.e2e.serve_helpers import metric, scrape
 from tests.support.lora import build_lora_adapter
 from tests.support.server import DEFAULT_ENV, REPO_ROOT, RunningServer, start_server
 
@@ -64,35 +65,15 @@ def small_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def samples(url: str) -> dict[str, float]:
-    """`/metrics` as {'name{labels}': value}."""
-    out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
-def total(metrics: dict[str, float], name: str, label_pattern: str = "") -> float:
-    """Sum of the samples named `name` whose label text matches `label_pattern` (a regex)."""
-    found = 0.0
-    for key, value in metrics.items():
-        metric_name, _, labels = key.partition("{")
-        if metric_name == name and re.search(label_pattern, labels):
-            found += value
-    return found
-
-
 def server_errors(url: str) -> float:
-    return total(samples(url), "llmstack:http_requests_total", r'status="5\d\d"')
+    return metric(url, "llmstack:http_requests_total", where=lambda labels: labels["status"].startswith("5"))
 
 
 def in_engine(url: str) -> tuple[float, float]:
     """(admission running+waiting, vLLM engine running+waiting)."""
-    m = samples(url)
-    ours = total(m, "llmstack:num_requests_running") + total(m, "llmstack:num_requests_waiting")
-    engine = total(m, "vllm:num_requests_running") + total(m, "vllm:num_requests_waiting")
+    rows = scrape(url)
+    ours = sum(metric(url, f"llmstack:num_requests_{s}", samples=rows) for s in ("running", "waiting"))
+    engine = sum(metric(url, f"vllm:num_requests_{s}", samples=rows) for s in ("running", "waiting"))
     return ours, engine
 
 
@@ -547,6 +528,7 @@ def test_sigterm_under_load_drains_and_exits_zero(small_server: RunningServer) -
             while ready.status_code == 200 and time.monotonic() < deadline + 10:  # the signal is async
                 await asyncio.sleep(0.01)
                 ready = await client.get(f"{url}/ready")
+            assert (await client.get(f"{url}/health")).status_code == 200, "alive while draining"
             refused = [
                 ready,
                 await client.post(f"{url}/v1/chat/completions", json=stream_body("late", 4)),
@@ -565,6 +547,36 @@ def test_sigterm_under_load_drains_and_exits_zero(small_server: RunningServer) -
     for result in results:
         check_complete(result, max_tokens)
     assert code == 0, small_server.log()[-2000:]
+    assert "draining" in small_server.log()
+
+
+@pytest.mark.slow  # a server start of its own (~15-70 s on 2 shared cores)
+def test_drain_timeout_bounds_the_wait(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = tiny_model_dir.name
+    with start_server(tiny_model_dir, "--drain-timeout-seconds", "1", log_dir=tmp_path) as server:
+        body = {"model": model, "prompt": "Once", "max_tokens": 1000, "temperature": 0, "stream": True}
+        first_chunk = threading.Event()
+
+        def stream() -> None:
+            try:
+                with httpx.stream(
+                    "POST", f"{server.openai_url}/completions", json=body, timeout=120
+                ) as response:
+                    for _ in response.iter_lines():
+                        first_chunk.set()
+                        time.sleep(0.05)  # a slow reader: the stream cannot finish within the drain timeout
+            except httpx.HTTPError:
+                pass
+
+        worker = threading.Thread(target=stream, daemon=True)
+        worker.start()
+        assert first_chunk.wait(30)
+        start = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(60)
+        assert time.monotonic() - start < 30
+        assert code == 0
+        assert "drain timeout" in server.log()
 
 
 def assert_openai_error_503(response: httpx.Response) -> None:

@@ -376,3 +376,19 @@ def test_client_disconnect_aborts_the_engine_request(server: RunningServer, mode
         ).status_code
         == 200
     )
+
+
+def test_client_disconnect_aborts_a_non_streamed_request(server: RunningServer, model: str) -> None:
+    body = {"model": model, "prompt": "Tell me a long story", "max_tokens": 1000, "temperature": 0}
+    gen_before = metric(server.url, "vllm:generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{server.openai_url}/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and metric(server.url, "vllm:num_requests_running") > 0:
+        time.sleep(0.1)
+    assert metric(server.url, "vllm:num_requests_running") == 0, "the engine request was aborted"
+    settled = metric(server.url, "vllm:generation_tokens_total")
+    time.sleep(1.5)
+    assert metric(server.url, "vllm:generation_tokens_total") == settled, "the engine kept generating"
+    assert settled - gen_before < 1000
+    assert metric(server.url, "llmstack:http_requests_total", endpoint="/v1/completions", status="499") >= 1
