@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from accelerate import PartialState
 
-from core.config import validate_config
 from core.errors import ConfigError, StackError
 from core.models import read_config
-from train.config import LoraRecipe, load_recipe, recipe_mapping
+from train.config import LoraRecipe, load_recipe
 from train.memory import estimate_memory, format_estimate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA fine-tuning and distillation.")
@@ -64,28 +63,34 @@ def distill(
     student_layers: Annotated[
         int | None, typer.Option(help="Build the student from N teacher layers.")
     ] = None,
-    compare_hard_labels: Annotated[bool, typer.Option(help="Also train on hard labels only.")] = False,
+    compare_hard_labels: Annotated[
+        bool | None,
+        typer.Option(
+            "--compare-hard-labels/--no-compare-hard-labels",
+            help="Also train the same student on hard labels only and report its held-out loss. "
+            "Default: the recipe's compare_hard_labels, else off.",
+        ),
+    ] = None,
     work_dir: WorkOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
-    """Distil a teacher into a smaller student (plain model folder; `quantize distill` adds the manifest)."""
-    from train.distill import DistillConfig
+    """Distil a teacher into a smaller student (plain model folder; `quantize distill` adds the manifest);
+    flags override the recipe's settings."""
     from train.distill import distill as run_distill
+    from train.distill import distill_config
 
-    settings: dict[str, Any] = recipe_mapping(config) if config else {}
     flags = {
         "teacher": teacher,
         "student": student,
         "student_layers": student_layers,
-        "work_dir": work_dir or (output.parent / f"{output.name}.work"),
+        "compare_hard_labels": compare_hard_labels,
+        "work_dir": work_dir,
         "resume": resume,
     }
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    settings["compare_hard_labels"] = compare_hard_labels or settings.get("compare_hard_labels", False)
     if output.exists() and any(output.iterdir()):
         raise ConfigError(f"output {output} already exists and is not empty")
-    distill_config = validate_config(DistillConfig, settings, context="distill settings")
-    result = run_distill(distill_config, output)
+    settings = distill_config(config, flags, defaults={"work_dir": output.parent / f"{output.name}.work"})
+    result = run_distill(settings, output)
     if PartialState().is_main_process:
         typer.echo(result.model_dump_json(indent=2))
 

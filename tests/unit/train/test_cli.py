@@ -1,4 +1,5 @@
-"""The `train` command line: a run killed with SIGKILL resumes to the same loss curve; errors are one line."""
+"""The `train` command line: a run killed with SIGKILL resumes to the same loss curve; errors are one line;
+`train distill` flags override the recipe (both ways) through the one merge that `quantize distill` uses."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
+from typer.testing import CliRunner
 
 from train.config import LoraRecipe
+from train.distill import DistillConfig, DistillResult, distill_config
 from train.lora import train_lora
 
 RECIPE = {
@@ -115,3 +119,84 @@ def test_estimate_memory_command(tiny_model_dir: Path) -> None:
     assert estimate["params"] == 819_840
     assert estimate["gradients"] == 4 * 819_840 and estimate["optimizer_states"] == 8 * 819_840
     assert estimate["total_checkpointed"] < estimate["total"]
+
+
+@pytest.fixture
+def distill_runs(monkeypatch: pytest.MonkeyPatch) -> list[DistillConfig]:
+    """The config each in-process `train distill` run hands to the loop (replaced: it records the config)."""
+    import train.distill
+
+    seen: list[DistillConfig] = []
+
+    def record(config: DistillConfig, output_dir: Path) -> DistillResult:
+        seen.append(config)
+        return DistillResult(
+            heldout_loss=1.0, heldout_loss_initial=2.0, heldout_loss_teacher=0.5, steps=0, student_layers=1,
+            student_params=1, teacher_params=2, train_samples=1, eval_samples=1, stopped_early=False,
+        )  # fmt: skip
+
+    monkeypatch.setattr(train.distill, "distill", record)
+    return seen
+
+
+def _recipe(folder: Path, settings: dict[str, object] | None) -> list[str]:
+    if settings is None:
+        return []
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(settings))
+    return ["--config", str(folder / "recipe.yaml")]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "flags", "expected"),
+    [
+        (None, [], False),  # neither says: DistillConfig's documented default
+        (None, ["--compare-hard-labels"], True),
+        ({"compare_hard_labels": False}, ["--compare-hard-labels"], True),
+        ({"compare_hard_labels": True}, ["--no-compare-hard-labels"], False),
+        ({"compare_hard_labels": True}, [], True),
+        ({"compare_hard_labels": False}, [], False),
+    ],
+)
+def test_distill_compare_hard_labels_flag_over_recipe(
+    distill_runs: list[DistillConfig],
+    tmp_path: Path,
+    recipe: dict[str, object] | None,
+    flags: list[str],
+    expected: bool,
+) -> None:
+    from train.cli import app
+
+    args = ["distill", "--teacher", str(tmp_path), "--output", str(tmp_path / "student")]
+    result = CliRunner().invoke(app, [*args, *flags, *_recipe(tmp_path, recipe)])
+    assert result.exit_code == 0, result.output
+    assert [config.compare_hard_labels for config in distill_runs] == [expected]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "flag", "expected"),
+    [
+        (None, None, "student.work"),  # the command's own default
+        ("from-recipe", None, "from-recipe"),
+        ("from-recipe", "from-flag", "from-flag"),
+    ],
+)
+def test_distill_work_dir_flag_over_recipe_over_default(
+    distill_runs: list[DistillConfig], tmp_path: Path, recipe: str | None, flag: str | None, expected: str
+) -> None:
+    from train.cli import app
+
+    args = ["distill", "--teacher", str(tmp_path), "--output", str(tmp_path / "student")]
+    args += _recipe(tmp_path, {"work_dir": str(tmp_path / recipe)} if recipe else None)
+    args += ["--work-dir", str(tmp_path / flag)] if flag else []
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [config.work_dir for config in distill_runs] == [tmp_path / expected]
+
+
+def test_distill_config_merges_nested_flags_key_by_key(tmp_path: Path) -> None:
+    _recipe(tmp_path, {"alpha": 0.2, "loop": {"max_steps": 5, "batch_size": 2}})
+    flags = {"teacher": tmp_path, "alpha": None, "temperature": 3.0, "loop": {"max_steps": 9, "seed": None}}
+    config = distill_config(tmp_path / "recipe.yaml", flags)
+    assert (config.alpha, config.temperature) == (0.2, 3.0)
+    assert (config.loop.max_steps, config.loop.batch_size, config.loop.seed) == (9, 2, 0)
+    assert distill_config(None, {"teacher": tmp_path, "loop": {"max_steps": None}}).loop.max_steps is None
