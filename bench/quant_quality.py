@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from quantize import api
-from quantize.config import AwqConfig, CalibrationConfig, EvalConfig, GptqConfig, RtnConfig
+from quantize.config import AwqConfig, CalibrationConfig, EvalConfig, GptqConfig, Nf4Config, RtnConfig
 
 
 def _size_mb(folder: Path) -> float:
@@ -47,18 +47,11 @@ def main() -> None:
     calibration = CalibrationConfig(num_samples=args.num_samples, max_seq_len=args.max_seq_len)
     eval_config = EvalConfig(eval_samples=args.eval_samples, eval_seq_len=args.eval_seq_len)
     group = args.group_size
-    runs = {
-        "RTN": lambda out: api.rtn(args.model, out, RtnConfig(group_size=group), eval_config=eval_config),
-        "AWQ": lambda out: api.awq(
-            args.model,
-            out,
-            AwqConfig(group_size=group, n_grid=args.n_grid, calibration=calibration),
-            eval_config=eval_config,
-        ),
-        "GPTQ": lambda out: api.gptq(
-            args.model, out, GptqConfig(group_size=group, calibration=calibration), eval_config=eval_config
-        ),
-        "NF4": lambda out: api.nf4(args.model, out, eval_config=eval_config),
+    configs = {
+        "RTN": RtnConfig(group_size=group),
+        "AWQ": AwqConfig(group_size=group, n_grid=args.n_grid, calibration=calibration),
+        "GPTQ": GptqConfig(group_size=group, calibration=calibration),
+        "NF4": Nf4Config(),
     }
     print(f"model: {args.model}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
@@ -73,7 +66,7 @@ def main() -> None:
     fp_size = sum(p.stat().st_size for p in args.model.glob("*.safetensors")) / 1e6
     for name in args.methods.split(","):
         start = time.perf_counter()
-        manifest = runs[name](work / name.lower())
+        manifest = api.quantize(args.model, work / name.lower(), configs[name], eval_config=eval_config)
         seconds = time.perf_counter() - start
         q = manifest.quality
         if name == args.methods.split(",")[0]:

@@ -1,4 +1,5 @@
-"""The toolchain's Python API: one function per sub-command, each producing a verified artifact folder.
+"""The toolchain's Python API: `quantize` (every quantization method, chosen by its config), `merge_lora`,
+`distill` and `evaluate`; each of the first three produces a verified artifact folder.
 
 Invariant: every input is checked (source model, architecture, destination, data) before any model is
 loaded; the artifact is written atomically by `core.artifact.write_artifact`, and its manifest carries the
@@ -26,21 +27,22 @@ from core.artifact import (
     write_artifact,
 )
 from core.errors import ConfigError
-from core.models import check_architecture, load_causal_lm, load_tokenizer, read_config, resolve_model_dir
+from core.models import check_architecture, load_tokenizer, read_config, resolve_model_dir
 from quantize import eval as evaluation
 from quantize.calibration import calibration_dataset, load_samples
 from quantize.config import (
-    COMPRESSED_TENSORS,
-    AwqConfig,
+    CalibratedConfig,
     CalibrationConfig,
     EvalConfig,
-    GptqConfig,
     MergeLoraConfig,
-    Nf4Config,
-    RtnConfig,
+    MethodConfig,
+    WeightQuantConfig,
 )
+from quantize.methods import method_for
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+
     from train.distill import DistillConfig
 
 log = logging.getLogger(__name__)
@@ -107,118 +109,40 @@ def _produce(
     return manifest
 
 
-def _calibration(source: Path, config: CalibrationConfig) -> tuple[Any, DataInfo]:
+def _calibration(source: Path, config: CalibrationConfig) -> tuple[Dataset, DataInfo]:
     texts, name = load_samples(config.calib_data, split="train", limit=config.num_samples)
     return calibration_dataset(texts, name, load_tokenizer(source), config.max_seq_len)
 
 
-def _weight_quantization(
-    kind: ArtifactKind,
+def quantize(
     model: Path,
     output: Path,
-    config: AwqConfig | GptqConfig | RtnConfig,
-    run: Callable[..., None],
+    config: MethodConfig,
     *,
-    eval_config: EvalConfig,
-    overwrite: bool,
+    eval_config: EvalConfig | None = None,
+    overwrite: bool = False,
 ) -> Manifest:
+    """Quantize `model` with the method `config` configures (`AwqConfig`, `GptqConfig`, `RtnConfig`,
+    `Nf4Config`: see `quantize.methods.METHODS`) into the checkpoint format `config.format` names; the
+    manifest records the method's parameters, the calibration samples used and the held-out quality."""
+    method = method_for(config)
     source = _check_source(model)
     check_destination(output, overwrite=overwrite)
-    _check_group_size(source, config.group_size)
-    calibration = getattr(config, "calibration", None)
-    dataset, data = _calibration(source, calibration) if calibration is not None else (None, None)
-
-    checkpoint_format = getattr(config, "format", COMPRESSED_TENSORS)
-
-    def write(tmp: Path) -> dict[str, Any]:
-        if checkpoint_format == COMPRESSED_TENSORS:
-            loaded, tokenizer = load_causal_lm(source), load_tokenizer(source)
-            run(loaded, tokenizer, dataset, tmp, config)
-        else:  # the classic awq/gptq layouts: gptqmodel loads the source itself
-            from quantize.methods import classic
-
-            assert isinstance(config, AwqConfig | GptqConfig) and dataset is not None
-            classic.quantize(source, tmp, config, dataset)
-        return {"method": kind, "format": checkpoint_format, **config.model_dump(mode="json")}
-
-    return _produce(kind, source, output, write, data=data, eval_config=eval_config, overwrite=overwrite)
-
-
-def awq(
-    model: Path,
-    output: Path,
-    config: AwqConfig | None = None,
-    *,
-    eval_config: EvalConfig | None = None,
-    overwrite: bool = False,
-) -> Manifest:
-    """AWQ W4A16 (asymmetric groups) in compressed-tensors format or, with `config.format="awq"`, the classic
-    AutoAWQ GEMM format (gptqmodel); vLLM and transformers load both."""
-    from quantize.methods import awq as method
-
-    return _weight_quantization(
-        "awq", model, output, config or AwqConfig(), method.quantize,
-        eval_config=eval_config or EvalConfig(), overwrite=overwrite,
-    )  # fmt: skip
-
-
-def gptq(
-    model: Path,
-    output: Path,
-    config: GptqConfig | None = None,
-    *,
-    eval_config: EvalConfig | None = None,
-    overwrite: bool = False,
-) -> Manifest:
-    """GPTQ W4A16 (symmetric groups) in compressed-tensors format or, with `config.format="gptq"`, the classic
-    AutoGPTQ format (gptqmodel); vLLM and transformers load both."""
-    from quantize.methods import gptq as method
-
-    return _weight_quantization(
-        "gptq", model, output, config or GptqConfig(), method.quantize,
-        eval_config=eval_config or EvalConfig(), overwrite=overwrite,
-    )  # fmt: skip
-
-
-def rtn(
-    model: Path,
-    output: Path,
-    config: RtnConfig | None = None,
-    *,
-    eval_config: EvalConfig | None = None,
-    overwrite: bool = False,
-) -> Manifest:
-    """Round-to-nearest W4A16, the data-free baseline, in the same format as AWQ and GPTQ."""
-    from quantize.methods import rtn as method
-
-    return _weight_quantization(
-        "rtn", model, output, config or RtnConfig(), method.quantize,
-        eval_config=eval_config or EvalConfig(), overwrite=overwrite,
-    )  # fmt: skip
-
-
-def nf4(
-    model: Path,
-    output: Path,
-    config: Nf4Config | None = None,
-    *,
-    eval_config: EvalConfig | None = None,
-    overwrite: bool = False,
-) -> Manifest:
-    """bitsandbytes NF4 (double quantization by default), saved pre-quantized."""
-    from quantize.methods import nf4 as method
-
-    config = config or Nf4Config()
-    source = _check_source(model)
-    check_destination(output, overwrite=overwrite)
+    if isinstance(config, WeightQuantConfig):
+        _check_group_size(source, config.group_size)
+    dataset, data = (
+        _calibration(source, config.calibration) if isinstance(config, CalibratedConfig) else (None, None)
+    )
+    writer = method.writer(config)
 
     def write(tmp: Path) -> dict[str, Any]:
-        method.quantize(source, tmp, config)
-        return {"method": "nf4", "format": "bitsandbytes", **config.model_dump(mode="json")}
+        writer(source, tmp, config, dataset)
+        return {"method": method.kind, **config.model_dump(mode="json")}
 
     return _produce(
-        "nf4", source, output, write, data=None, eval_config=eval_config or EvalConfig(), overwrite=overwrite
-    )
+        method.kind, source, output, write, data=data, eval_config=eval_config or EvalConfig(),
+        overwrite=overwrite,
+    )  # fmt: skip
 
 
 def merge_lora(

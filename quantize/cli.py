@@ -1,36 +1,34 @@
 """`quantize`: the toolchain's command line, a thin layer over `quantize.api`.
 
-Invariant: option help comes from the config models' field descriptions; any user error (a `StackError`)
-prints one line on stderr and exits with status 2, and nothing is written; stdout carries only the report
-(what libraries print while a command runs, e.g. gptqmodel's logs, goes to stderr).
+Invariant: one command per quantization method in `quantize.methods.METHODS`, all made by one factory; a
+method's options are its config model's fields (nested models flattened), with the field's description as
+help and its default as default, so an option is declared once, in the config. Any user error (a `StackError`,
+validation included) prints one line on stderr and exits with status 2, and nothing is written; stdout carries
+only the report (what libraries print while a command runs, e.g. gptqmodel's logs, goes to stderr).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import sys
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from core.artifact import Manifest, Quality
 from core.errors import StackError
-from quantize.config import (
-    AwqConfig,
-    CalibrationConfig,
-    EvalConfig,
-    GptqConfig,
-    MergeLoraConfig,
-    Nf4Config,
-    RtnConfig,
-    WeightQuantConfig,
-    validated,
-)
+from quantize.config import EvalConfig, MergeLoraConfig, MethodConfig, validated
+from quantize.methods import METHODS, Method
 
 app = typer.Typer(
     help="Quantize, merge, distil and evaluate models; every output is a verified artifact folder.",
@@ -44,36 +42,95 @@ def _help(model: type[BaseModel], field: str) -> str:
     return model.model_fields[field].description or ""
 
 
-def _default(model: type[BaseModel], field: str) -> Any:
-    return model.model_fields[field].get_default(call_default_factory=True)
-
-
 Model = Annotated[Path, typer.Option("--model", help="Source model folder (Hugging Face format).")]
 Output = Annotated[Path, typer.Option("--output", help="Artifact folder to create.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
-Bits = Annotated[int, typer.Option(help=_help(WeightQuantConfig, "bits"))]
-GroupSize = Annotated[int, typer.Option(help=_help(WeightQuantConfig, "group_size"))]
-CalibData = Annotated[str | None, typer.Option(help=_help(CalibrationConfig, "calib_data"))]
-NumSamples = Annotated[int, typer.Option(help=_help(CalibrationConfig, "num_samples"))]
-MaxSeqLen = Annotated[int, typer.Option(help=_help(CalibrationConfig, "max_seq_len"))]
-EvalData = Annotated[str | None, typer.Option(help=_help(EvalConfig, "eval_data"))]
-EvalSamples = Annotated[int, typer.Option(help=_help(EvalConfig, "eval_samples"))]
-EvalSeqLen = Annotated[int, typer.Option(help=_help(EvalConfig, "eval_seq_len"))]
-AwqFormat = Annotated[str, typer.Option("--format", help=_help(AwqConfig, "format"))]
-GptqFormat = Annotated[str, typer.Option("--format", help=_help(GptqConfig, "format"))]
-
-BITS = _default(WeightQuantConfig, "bits")
-GROUP = _default(WeightQuantConfig, "group_size")
-SAMPLES = _default(CalibrationConfig, "num_samples")
-SEQ = _default(CalibrationConfig, "max_seq_len")
-EVAL_SAMPLES = _default(EvalConfig, "eval_samples")
-EVAL_SEQ = _default(EvalConfig, "eval_seq_len")
-FORMAT = _default(AwqConfig, "format")
 
 
 def _fail(err: StackError) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
     return typer.Exit(2)
+
+
+def _option_type(annotation: Any) -> Any:
+    """The command-line type of a config field: bool, int and float as such, text for strings and `Literal`
+    choices (pydantic validates them, so a bad value reads like any other config error)."""
+    if annotation in (bool, int, float, str):
+        return annotation
+    if typing.get_origin(annotation) is Literal:
+        return str
+    if typing.get_origin(annotation) is types.UnionType:
+        inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(inner) == 1:
+            return _option_type(inner[0]) | None
+    raise TypeError(f"no command-line option for a config field of type {annotation!r}")
+
+
+def _fields(
+    model: type[BaseModel], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
+    """Every field of `model` with its path in the model; a nested config model's fields stand for it."""
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _fields(field.annotation, (*prefix, name))
+        else:
+            yield (*prefix, name), field
+
+
+def _option(name: str, field: FieldInfo) -> inspect.Parameter:
+    """The command-line option `--name` of a config field: the field's description is its help, the field's
+    default its default (none: the option is required)."""
+    default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
+    option = Annotated[_option_type(field.annotation), typer.Option(help=field.description)]  # type: ignore[valid-type]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
+
+
+def _nested(values: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    """{("calibration", "num_samples"): 8} -> {"calibration": {"num_samples": 8}}."""
+    tree: dict[str, Any] = {}
+    for path, value in values.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _config_options(**groups: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Command decorator: each parameter named in `groups` is offered on the command line, in its place, as
+    one option per field of its config model (`_fields`, `_option`: the option is named after the field);
+    the command receives the validated model; a validation problem is one line on stderr and exit status 2."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command, eval_str=True)
+        fields = {group: list(_fields(model)) for group, model in groups.items()}
+        parameters: list[inspect.Parameter] = []
+        for parameter in signature.parameters.values():
+            if parameter.name in groups:
+                parameters += [_option(path[-1], field) for path, field in fields[parameter.name]]
+            else:
+                parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+        names = [parameter.name for parameter in parameters]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{command.__name__}: an option name stands twice in {names}")
+
+        @functools.wraps(command)
+        def run(**values: Any) -> None:
+            try:
+                configs = {
+                    group: validated(
+                        model, **_nested({path: values.pop(path[-1]) for path, _ in fields[group]})
+                    )
+                    for group, model in groups.items()
+                }
+            except StackError as err:
+                raise _fail(err) from None
+            command(**values, **configs)
+
+        run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        return run
+
+    return decorate
 
 
 @contextlib.contextmanager
@@ -83,8 +140,8 @@ def _library_output_to_stderr() -> Iterator[None]:
 
 
 def _write(output: Path, make: Callable[[], Manifest]) -> None:
-    """Run `make` (validation, then the work; whatever libraries print goes to stderr) and report the
-    artifact on stdout; a user error is one line on stderr and exit status 2."""
+    """Run `make` (whatever libraries print goes to stderr) and report the artifact on stdout; a user error
+    is one line on stderr and exit status 2."""
     try:
         with _library_output_to_stderr():
             manifest = make()
@@ -99,14 +156,6 @@ def _report(output: Path, manifest: Manifest) -> None:
     typer.echo(json.dumps(figures, indent=2, sort_keys=True))
 
 
-def _eval_config(eval_data: str | None, eval_samples: int, eval_seq_len: int) -> EvalConfig:
-    return validated(EvalConfig, eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len)
-
-
-def _calibration(calib_data: str | None, num_samples: int, max_seq_len: int) -> dict[str, Any]:
-    return {"calib_data": calib_data, "num_samples": num_samples, "max_seq_len": max_seq_len}
-
-
 @app.callback()
 def _setup(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
@@ -114,118 +163,38 @@ def _setup(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
-@app.command()
-def awq(
-    model: Model,
-    output: Output,
-    bits: Bits = BITS,
-    group_size: GroupSize = GROUP,
-    checkpoint_format: AwqFormat = FORMAT,
-    calib_data: CalibData = None,
-    num_samples: NumSamples = SAMPLES,
-    max_seq_len: MaxSeqLen = SEQ,
-    eval_data: EvalData = None,
-    eval_samples: EvalSamples = EVAL_SAMPLES,
-    eval_seq_len: EvalSeqLen = EVAL_SEQ,
-    overwrite: Overwrite = False,
-) -> None:
-    """AWQ (asymmetric groups) to compressed-tensors (llm-compressor) or the classic awq GEMM format
-    (gptqmodel); vLLM loads both."""
-    from quantize import api
+def _add_method_command(method: Method[Any]) -> None:
+    """`quantize <kind>`: the method's config as options, then `quantize.api.quantize`."""
 
-    def make() -> Manifest:
-        config = validated(
-            AwqConfig,
-            bits=bits,
-            group_size=group_size,
-            format=checkpoint_format,
-            calibration=_calibration(calib_data, num_samples, max_seq_len),
+    @_config_options(config=method.config, eval_config=EvalConfig)
+    def command(
+        model: Model,
+        output: Output,
+        config: MethodConfig,
+        eval_config: EvalConfig,
+        overwrite: Overwrite = False,
+    ) -> None:
+        from quantize import api
+
+        _write(
+            output, lambda: api.quantize(model, output, config, eval_config=eval_config, overwrite=overwrite)
         )
-        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        return api.awq(model, output, config, eval_config=eval_config, overwrite=overwrite)
 
-    _write(output, make)
+    app.command(method.kind, help=method.config.__doc__)(command)
 
 
-@app.command()
-def gptq(
-    model: Model,
-    output: Output,
-    bits: Bits = BITS,
-    group_size: GroupSize = GROUP,
-    checkpoint_format: GptqFormat = FORMAT,
-    calib_data: CalibData = None,
-    num_samples: NumSamples = SAMPLES,
-    max_seq_len: MaxSeqLen = SEQ,
-    eval_data: EvalData = None,
-    eval_samples: EvalSamples = EVAL_SAMPLES,
-    eval_seq_len: EvalSeqLen = EVAL_SEQ,
-    overwrite: Overwrite = False,
-) -> None:
-    """GPTQ (symmetric groups) to compressed-tensors (llm-compressor) or the classic gptq format (gptqmodel);
-    vLLM loads both."""
-    from quantize import api
-
-    def make() -> Manifest:
-        config = validated(
-            GptqConfig,
-            bits=bits,
-            group_size=group_size,
-            format=checkpoint_format,
-            calibration=_calibration(calib_data, num_samples, max_seq_len),
-        )
-        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        return api.gptq(model, output, config, eval_config=eval_config, overwrite=overwrite)
-
-    _write(output, make)
+for _method in METHODS.values():
+    _add_method_command(_method)
 
 
-@app.command()
-def rtn(
-    model: Model,
-    output: Output,
-    bits: Bits = BITS,
-    group_size: GroupSize = GROUP,
-    symmetric: Annotated[bool, typer.Option(help=_help(RtnConfig, "symmetric"))] = False,
-    eval_data: EvalData = None,
-    eval_samples: EvalSamples = EVAL_SAMPLES,
-    eval_seq_len: EvalSeqLen = EVAL_SEQ,
-    overwrite: Overwrite = False,
-) -> None:
-    """Round-to-nearest (no calibration data), the baseline for AWQ and GPTQ, same format."""
-    from quantize import api
-
-    def make() -> Manifest:
-        config = validated(RtnConfig, bits=bits, group_size=group_size, symmetric=symmetric)
-        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        return api.rtn(model, output, config, eval_config=eval_config, overwrite=overwrite)
-
-    _write(output, make)
-
-
-@app.command()
-def nf4(
-    model: Model,
-    output: Output,
-    double_quant: Annotated[bool, typer.Option(help=_help(Nf4Config, "double_quant"))] = True,
-    compute_dtype: Annotated[str, typer.Option(help=_help(Nf4Config, "compute_dtype"))] = "bfloat16",
-    eval_data: EvalData = None,
-    eval_samples: EvalSamples = EVAL_SAMPLES,
-    eval_seq_len: EvalSeqLen = EVAL_SEQ,
-    overwrite: Overwrite = False,
-) -> None:
-    """bitsandbytes NF4 (double quantization), saved pre-quantized; transformers loads it (vLLM: GPU only)."""
-    from quantize import api
-
-    def make() -> Manifest:
-        config = validated(Nf4Config, double_quant=double_quant, compute_dtype=compute_dtype)
-        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        return api.nf4(model, output, config, eval_config=eval_config, overwrite=overwrite)
-
-    _write(output, make)
+HardLabelsHelp = (
+    "Also train the same student on hard labels only and report its held-out loss. "
+    "Default: the recipe's compare_hard_labels, else off."
+)
 
 
 @app.command("merge-lora")
+@_config_options(eval_config=EvalConfig)
 def merge_lora(
     base: Annotated[Path, typer.Option("--base", help="Full-precision base model folder.")],
     adapter: Annotated[list[Path], typer.Option("--adapter", help=_help(MergeLoraConfig, "adapters"))],
@@ -234,9 +203,8 @@ def merge_lora(
         list[float] | None, typer.Option("--weights", help=_help(MergeLoraConfig, "weights"))
     ] = None,
     force: Annotated[bool, typer.Option("--force", help=_help(MergeLoraConfig, "force"))] = False,
-    eval_data: EvalData = None,
-    eval_samples: EvalSamples = EVAL_SAMPLES,
-    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+    *,
+    eval_config: EvalConfig,
     overwrite: Overwrite = False,
 ) -> None:
     """Merge LoRA adapters (optionally weighted) into the base with PEFT; the output is a plain model."""
@@ -244,13 +212,13 @@ def merge_lora(
 
     def make() -> Manifest:
         config = validated(MergeLoraConfig, adapters=adapter, weights=weights or None, force=force)
-        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
         return api.merge_lora(base, output, config, eval_config=eval_config, overwrite=overwrite)
 
     _write(output, make)
 
 
 @app.command()
+@_config_options(eval_config=EvalConfig)
 def distill(
     teacher: Annotated[Path, typer.Option(help="Teacher model folder.")],
     output: Output,
@@ -269,21 +237,18 @@ def distill(
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many training texts.")] = None,
     compare_hard_labels: Annotated[
-        bool,
-        typer.Option(help="Also train the same student on hard labels only and report its held-out loss."),
-    ] = True,
-    eval_data: EvalData = None,
-    eval_samples: EvalSamples = EVAL_SAMPLES,
-    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+        bool | None, typer.Option("--compare-hard-labels/--no-compare-hard-labels", help=HardLabelsHelp)
+    ] = None,
+    *,
+    eval_config: EvalConfig,
     overwrite: Overwrite = False,
 ) -> None:
-    """Logit distillation (temperature-scaled KL + hard-label CE) with the training backend's loop."""
+    """Logit distillation (temperature-scaled KL + hard-label CE) with the training backend's loop; flags
+    override the recipe's settings."""
     from quantize import api
-    from train.config import recipe_mapping
-    from train.distill import DistillConfig
+    from train.distill import distill_config
 
     def make() -> Manifest:
-        settings = recipe_mapping(config) if config else {}
         flags = {
             "teacher": teacher,
             "data": data,
@@ -293,32 +258,29 @@ def distill(
             "temperature": temperature,
             "max_samples": max_samples,
             "compare_hard_labels": compare_hard_labels,
+            "loop": {"max_steps": max_steps},
         }
-        settings.update({k: v for k, v in flags.items() if v is not None})
-        if max_steps is not None:
-            settings["loop"] = {**settings.get("loop", {}), "max_steps": max_steps}
-        distill_config = validated(DistillConfig, **settings)
-        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
-        return api.distill(distill_config, output, eval_config=eval_config, overwrite=overwrite)
+        return api.distill(
+            distill_config(config, flags), output, eval_config=eval_config, overwrite=overwrite
+        )
 
     _write(output, make)
 
 
 @app.command("eval")
+@_config_options(eval_config=EvalConfig)
 def eval_(
     model: Model,
     reference: Annotated[
         Path | None, typer.Option(help="Reference model folder: adds mean KL and top-1 agreement.")
     ] = None,
-    eval_data: EvalData = None,
-    eval_samples: EvalSamples = EVAL_SAMPLES,
-    eval_seq_len: EvalSeqLen = EVAL_SEQ,
+    *,
+    eval_config: EvalConfig,
 ) -> None:
     """Perplexity on held-out text; against --reference also mean KL and top-1 agreement."""
     from quantize import api
 
     try:
-        eval_config = _eval_config(eval_data, eval_samples, eval_seq_len)
         with _library_output_to_stderr():
             quality: Quality = api.evaluate(model, reference=reference, eval_config=eval_config)
     except StackError as err:

@@ -1,7 +1,8 @@
 """Strict configuration models of the toolchain, one per method (llm-compressor style).
 
-Invariant: every model forbids unknown keys and validates its values before any model is loaded; the field
-descriptions are the CLI help (`quantize.cli` reads them), so a setting is documented in exactly one place.
+Invariant: every model forbids unknown keys and validates its values before any model is loaded; a method
+config's fields are its command's options (`quantize.cli` makes them), their descriptions the options' help
+and the config's docstring the command's help, so a setting is declared and documented in exactly one place.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from core.config import StrictModel, validate_config
 
 SUPPORTED_BITS = (4, 8)
 COMPRESSED_TENSORS: Final = "compressed-tensors"
+BITSANDBYTES: Final = "bitsandbytes"
 GPTQMODEL_AWQ_GRID: Final = 20  # gptqmodel's AWQ scale search: fixed grid, always duo scaling
 GPTQMODEL_GPTQ_BLOCK: Final = 128  # gptqmodel's GPTQ: fixed block of columns
 
@@ -44,7 +46,14 @@ class EvalConfig(StrictModel):
     eval_seq_len: int = Field(default=256, ge=8, description="Tokens per evaluation sample (truncated).")
 
 
-class WeightQuantConfig(StrictModel):
+class MethodConfig(StrictModel):
+    """A quantization method's settings; every method names the checkpoint format it writes, and
+    `quantize.methods.METHODS` has one writer for each format a config's `format` field admits."""
+
+    format: str
+
+
+class WeightQuantConfig(MethodConfig):
     """Integer weight-only quantization (activations stay 16-bit: W4A16 / W8A16)."""
 
     bits: int = Field(
@@ -64,11 +73,16 @@ class WeightQuantConfig(StrictModel):
         return bits
 
 
-class AwqConfig(WeightQuantConfig):
-    """AWQ: activation-aware channel scaling, then asymmetric groups (llm-compressor `AWQModifier`; gptqmodel
-    for the classic `awq` format)."""
+class CalibratedConfig(WeightQuantConfig):
+    """Integer weight quantization fitted on calibration text run through the model (AWQ, GPTQ)."""
 
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+
+class AwqConfig(CalibratedConfig):
+    """AWQ (activation-aware channel scaling, then asymmetric groups) to compressed-tensors (llm-compressor
+    `AWQModifier`) or the classic AutoAWQ GEMM format (gptqmodel); vLLM and transformers load both."""
+
     duo_scaling: bool = Field(
         default=True, description="Search scales with both activation and weight magnitudes."
     )
@@ -91,11 +105,10 @@ class AwqConfig(WeightQuantConfig):
         return self
 
 
-class GptqConfig(WeightQuantConfig):
-    """GPTQ: Hessian-based error-correcting rounding, symmetric groups (llm-compressor `GPTQModifier`;
-    gptqmodel for the classic `gptq` format)."""
+class GptqConfig(CalibratedConfig):
+    """GPTQ (Hessian-based error-correcting rounding, symmetric groups) to compressed-tensors (llm-compressor
+    `GPTQModifier`) or the classic AutoGPTQ format (gptqmodel); vLLM and transformers load both."""
 
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     dampening_frac: float = Field(
         default=0.01, gt=0, lt=1, description="Hessian dampening, fraction of its mean diagonal."
     )
@@ -116,21 +129,29 @@ class GptqConfig(WeightQuantConfig):
 
 
 class RtnConfig(WeightQuantConfig):
-    """Round-to-nearest: the data-free baseline AWQ and GPTQ are compared to (min-max, same format)."""
+    """Round-to-nearest (min-max groups, no calibration data): the baseline AWQ and GPTQ are measured
+    against, in their compressed-tensors format."""
 
     symmetric: bool = Field(
         default=False, description="Symmetric groups (no zero point); default asymmetric like AWQ."
     )
+    format: Literal["compressed-tensors"] = Field(
+        default=COMPRESSED_TENSORS, description="Checkpoint format: compressed-tensors (llm-compressor)."
+    )
 
 
-class Nf4Config(StrictModel):
-    """bitsandbytes 4-bit NormalFloat weights, saved pre-quantized (transformers `BitsAndBytesConfig`)."""
+class Nf4Config(MethodConfig):
+    """bitsandbytes 4-bit NormalFloat weights (transformers `BitsAndBytesConfig`), saved pre-quantized;
+    transformers loads them (vLLM: on a GPU only)."""
 
     double_quant: bool = Field(
         default=True, description="Quantize the per-block scales too (saves ~0.4 bit/weight)."
     )
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls."
+    )
+    format: Literal["bitsandbytes"] = Field(
+        default=BITSANDBYTES, description="Checkpoint format: bitsandbytes (pre-quantized 4-bit weights)."
     )
 
 

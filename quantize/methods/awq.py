@@ -10,7 +10,6 @@ from quantize.methods.oneshot import IGNORED_MODULES, run_oneshot, weight_scheme
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def recipe(config: AwqConfig) -> list[Any]:
@@ -24,12 +23,6 @@ def recipe(config: AwqConfig) -> list[Any]:
     ]
 
 
-def quantize(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset,
-    out: Path,
-    config: AwqConfig,
-) -> None:
-    calibration = config.calibration
-    run_oneshot(model, tokenizer, recipe(config), out, dataset=dataset, max_seq_len=calibration.max_seq_len)
+def quantize(source: Path, out: Path, config: AwqConfig, calibration: Dataset | None) -> None:
+    """The compressed-tensors AWQ checkpoint of `source`, scales searched on `calibration`, into `out`."""
+    run_oneshot(source, out, recipe(config), dataset=calibration, max_seq_len=config.calibration.max_seq_len)

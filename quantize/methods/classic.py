@@ -70,15 +70,18 @@ def _processor_logs_elsewhere() -> Iterator[None]:
             loop_processor._PROJECT_LOG_DIR = original
 
 
-def quantize(source: Path, out: Path, config: AwqConfig | GptqConfig, dataset: Dataset) -> None:
-    """Quantize `source` with gptqmodel on the tokenized calibration `dataset` and save into `out`."""
+def quantize(source: Path, out: Path, config: AwqConfig | GptqConfig, calibration: Dataset | None) -> None:
+    """Quantize `source` with gptqmodel on the tokenized `calibration` samples and save into `out`."""
     import torch
+
+    if calibration is None:
+        raise ValueError("the classic formats are calibrated: calibration samples are required")
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", CPU_WORKERS)  # read once, when gptqmodel is imported
     from gptqmodel import GPTQModel
 
     cuda = torch.cuda.is_available()
-    samples = dataset.to_list()  # [{"input_ids": [...], "attention_mask": [...]}, ...]
+    samples = calibration.to_list()  # [{"input_ids": [...], "attention_mask": [...]}, ...]
     model = GPTQModel.load(str(source), quantize_config(config), device="cuda" if cuda else "cpu")
     with _processor_logs_elsewhere():
         model.quantize(

@@ -10,7 +10,6 @@ from quantize.methods.oneshot import IGNORED_MODULES, run_oneshot, weight_scheme
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def recipe(config: GptqConfig) -> list[Any]:
@@ -26,12 +25,6 @@ def recipe(config: GptqConfig) -> list[Any]:
     ]
 
 
-def quantize(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset,
-    out: Path,
-    config: GptqConfig,
-) -> None:
-    calibration = config.calibration
-    run_oneshot(model, tokenizer, recipe(config), out, dataset=dataset, max_seq_len=calibration.max_seq_len)
+def quantize(source: Path, out: Path, config: GptqConfig, calibration: Dataset | None) -> None:
+    """The compressed-tensors GPTQ checkpoint of `source`, rounding corrected on `calibration`, into `out`."""
+    run_oneshot(source, out, recipe(config), dataset=calibration, max_seq_len=config.calibration.max_seq_len)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.models import load_causal_lm, load_tokenizer
 from quantize.config import Nf4Config
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
 log = logging.getLogger(__name__)
 
 
-def quantize(source: Path, out: Path, config: Nf4Config) -> None:
-    """Load `source` with a 4-bit NormalFloat `BitsAndBytesConfig` and save it pre-quantized into `out`."""
+def quantize(source: Path, out: Path, config: Nf4Config, calibration: Dataset | None) -> None:
+    """Load `source` with a 4-bit NormalFloat `BitsAndBytesConfig` and save it pre-quantized into `out`;
+    data-free, so `calibration` (None for an `Nf4Config`) is not used."""
     import torch
     from transformers import BitsAndBytesConfig
 

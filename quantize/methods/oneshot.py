@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.models import load_causal_lm, load_tokenizer
+
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 IGNORED_MODULES = ["lm_head"]
@@ -55,16 +56,10 @@ def _cpu_without_pinned_memory() -> Iterator[None]:
 
 
 def run_oneshot(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    recipe: list[Any],
-    out: Path,
-    *,
-    dataset: Dataset | None,
-    max_seq_len: int = 512,
+    source: Path, out: Path, recipe: list[Any], *, dataset: Dataset | None, max_seq_len: int = 512
 ) -> None:
-    """Apply `recipe` (calibrating layer by layer on `dataset`, or data-free when it is None) and save the
-    compressed model with its tokenizer into `out`."""
+    """Load `source`, apply `recipe` (calibrating layer by layer on `dataset`, or data-free when it is None)
+    and save the compressed model with its tokenizer into `out`."""
     from llmcompressor import oneshot
 
     options: dict[str, Any] = {"pipeline": "datafree"}
@@ -76,6 +71,7 @@ def run_oneshot(
             "max_seq_length": max_seq_len,
             "shuffle_calibration_samples": False,
         }
+    model, tokenizer = load_causal_lm(source), load_tokenizer(source)
     with _cpu_without_pinned_memory():
         oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **options)
     model.save_pretrained(out, save_compressed=True)

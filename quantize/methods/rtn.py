@@ -10,7 +10,7 @@ from quantize.config import RtnConfig
 from quantize.methods.oneshot import IGNORED_MODULES, run_oneshot, weight_scheme
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from datasets import Dataset
 
 
 def recipe(config: RtnConfig) -> list[Any]:
@@ -20,8 +20,7 @@ def recipe(config: RtnConfig) -> list[Any]:
     return [QuantizationModifier(config_groups={"group_0": scheme}, ignore=IGNORED_MODULES)]
 
 
-def quantize(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: None, out: Path, config: RtnConfig
-) -> None:
-    """Data-free: `dataset` is always None (same signature as the calibrated methods)."""
-    run_oneshot(model, tokenizer, recipe(config), out, dataset=dataset)
+def quantize(source: Path, out: Path, config: RtnConfig, calibration: Dataset | None) -> None:
+    """The compressed-tensors RTN checkpoint of `source` into `out`; data-free, so `calibration` (None for an
+    `RtnConfig`) is not used."""
+    run_oneshot(source, out, recipe(config), dataset=None)

@@ -41,7 +41,8 @@ def awq_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
     from quantize.config import AwqConfig
 
     out = artifacts_root / "awq"
-    api.awq(tiny_model_dir, out, AwqConfig(group_size=GROUP_SIZE, calibration=CALIBRATION), eval_config=EVAL)
+    config = AwqConfig(group_size=GROUP_SIZE, calibration=CALIBRATION)
+    api.quantize(tiny_model_dir, out, config, eval_config=EVAL)
     return out
 
 
@@ -52,7 +53,7 @@ def gptq_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
 
     out = artifacts_root / "gptq"
     config = GptqConfig(group_size=GROUP_SIZE, calibration=CALIBRATION)
-    api.gptq(tiny_model_dir, out, config, eval_config=EVAL)
+    api.quantize(tiny_model_dir, out, config, eval_config=EVAL)
     return out
 
 
@@ -64,7 +65,7 @@ def awq_classic_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
 
     out = artifacts_root / "awq-classic"
     config = AwqConfig(group_size=GROUP_SIZE, calibration=CALIBRATION, format="awq")
-    api.awq(tiny_model_dir, out, config, eval_config=EVAL)
+    api.quantize(tiny_model_dir, out, config, eval_config=EVAL)
     return out
 
 
@@ -76,7 +77,7 @@ def gptq_classic_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
 
     out = artifacts_root / "gptq-classic"
     config = GptqConfig(group_size=GROUP_SIZE, calibration=CALIBRATION, format="gptq")
-    api.gptq(tiny_model_dir, out, config, eval_config=EVAL)
+    api.quantize(tiny_model_dir, out, config, eval_config=EVAL)
     return out
 
 
@@ -86,16 +87,17 @@ def rtn_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
     from quantize.config import RtnConfig
 
     out = artifacts_root / "rtn"
-    api.rtn(tiny_model_dir, out, RtnConfig(group_size=GROUP_SIZE), eval_config=EVAL)
+    api.quantize(tiny_model_dir, out, RtnConfig(group_size=GROUP_SIZE), eval_config=EVAL)
     return out
 
 
 @pytest.fixture(scope="session")
 def nf4_artifact(tiny_model_dir: Path, artifacts_root: Path) -> Path:
     from quantize import api
+    from quantize.config import Nf4Config
 
     out = artifacts_root / "nf4"
-    api.nf4(tiny_model_dir, out, eval_config=EVAL)
+    api.quantize(tiny_model_dir, out, Nf4Config(), eval_config=EVAL)
     return out
 
 

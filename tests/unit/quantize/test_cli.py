@@ -1,19 +1,35 @@
-"""The `quantize` command line: complete help, and bad input → one line on stderr, exit 2, nothing written."""
+"""The `quantize` command line: complete help, every method's config as its options, distill flags over a
+recipe, and bad input → one line on stderr, exit 2, nothing written."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
+import yaml
 from typer.testing import CliRunner
 
 from core.artifact import verify_artifact
+from core.errors import ConfigError
 from quantize.cli import app
+from quantize.config import CalibrationConfig, EvalConfig
+from quantize.methods import METHODS
 from tests.unit.quantize.conftest import EVAL
 
 SUBCOMMANDS = ["awq", "gptq", "rtn", "nf4", "merge-lora", "distill", "eval"]
 FAST_EVAL = ["--eval-samples", "4", "--eval-seq-len", "32"]
+COMMON = {"--model", "--output", "--overwrite", "--eval-data", "--eval-samples", "--eval-seq-len"}
+CALIBRATION = {"--calib-data", "--num-samples", "--max-seq-len"}
+WEIGHTS = {"--format", "--bits", "--group-size"}
+METHOD_OPTIONS = {  # what each command offers; the first three kinds are the flags the commands always had
+    "awq": WEIGHTS | CALIBRATION | {"--duo-scaling", "--n-grid"},
+    "gptq": WEIGHTS | CALIBRATION | {"--dampening-frac", "--block-size"},
+    "rtn": WEIGHTS | {"--symmetric"},
+    "nf4": {"--format", "--double-quant", "--compute-dtype"},
+}
 
 
 def _run(*args: str | Path) -> tuple[int, str, str]:
@@ -26,6 +42,39 @@ def test_every_subcommand_has_help(command: str) -> None:
     code, out, _ = _run(command, "--help")
     assert code == 0
     assert "Usage" in out and ("--output" in out or command == "eval")
+
+
+def _options(command: str) -> dict[str, typer.core.TyperOption]:
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    return {
+        name: param
+        for param in group.commands[command].params
+        if isinstance(param, typer.core.TyperOption)
+        for name in param.opts
+        if name != "--help"
+    }
+
+
+@pytest.mark.parametrize("kind", METHODS)
+def test_method_command_offers_its_config_fields(kind: str) -> None:
+    """Each option of a method command is a field of its config (or of the nested calibration, or of the
+    evaluation settings), with that field's description as help and its default as default."""
+    options = _options(kind)
+    assert set(options) == METHOD_OPTIONS[kind] | COMMON
+    fields = {
+        **METHODS[kind].config.model_fields,
+        **CalibrationConfig.model_fields,
+        **EvalConfig.model_fields,
+    }
+    for flag, option in options.items():
+        field = fields.get(flag.removeprefix("--").replace("-", "_"))
+        if field is None:
+            assert flag in {"--model", "--output", "--overwrite"}
+            continue
+        assert option.help == field.description and field.description
+        assert option.default == field.get_default(call_default_factory=True)
+    assert _options(kind)["--format"].default == METHODS[kind].config().format
 
 
 def _assert_refused(code: int, err: str, fragment: str) -> None:
@@ -79,10 +128,26 @@ def test_unsupported_bits(tiny_model_dir: Path, tmp_path: Path, bits: str) -> No
     [
         (["awq", "--format", "gptq"], "format: Input should be 'compressed-tensors' or 'awq'"),
         (["awq", "--format", "awq", "--bits", "8"], "format 'awq' stores 4-bit weights only (got 8 bits)"),
+        (["awq", "--format", "awq", "--n-grid", "10"], "always uses duo scaling and a 20-point grid"),
+        (["awq", "--format", "awq", "--no-duo-scaling"], "always uses duo scaling and a 20-point grid"),
+        (
+            ["awq", "--num-samples", "0"],
+            "calibration.num_samples: Input should be greater than or equal to 1",
+        ),
         (["gptq", "--format", "awq"], "format: Input should be 'compressed-tensors' or 'gptq'"),
+        (["gptq", "--format", "gptq", "--block-size", "64"], "always quantizes blocks of 128 columns"),
+        (["gptq", "--dampening-frac", "1.5"], "dampening_frac: Input should be less than 1"),
+        (["rtn", "--format", "awq"], "format: Input should be 'compressed-tensors'"),
+        (
+            ["nf4", "--compute-dtype", "int8"],
+            "compute_dtype: Input should be 'bfloat16', 'float16' or 'float32'",
+        ),
+        (["nf4", "--eval-samples", "0"], "eval_samples: Input should be greater than or equal to 1"),
     ],
 )
-def test_bad_format_is_refused(tiny_model_dir: Path, tmp_path: Path, args: list[str], fragment: str) -> None:
+def test_bad_settings_are_refused(
+    tiny_model_dir: Path, tmp_path: Path, args: list[str], fragment: str
+) -> None:
     code, _, err = _run(*args, "--model", tiny_model_dir, "--output", tmp_path / "out")
     _assert_refused(code, err, fragment)
     assert not (tmp_path / "out").exists()
@@ -112,9 +177,13 @@ def test_rtn_command_writes_artifact_and_prints_quality(tiny_model_dir: Path, tm
     assert manifest.parameters["group_size"] == 64
     printed = json.loads(stdout[stdout.index("{") :])
     assert printed["perplexity"] == pytest.approx(manifest.quality.perplexity)
-    code, _, err = _run("rtn", "--model", tiny_model_dir, "--output", out, "--overwrite", *FAST_EVAL)
+    code, _, err = _run(
+        "rtn", "--model", tiny_model_dir, "--output", out, "--overwrite", "--symmetric", *FAST_EVAL
+    )
     assert code == 0, err
-    assert verify_artifact(out).parameters["group_size"] == 128
+    parameters = verify_artifact(out).parameters
+    assert parameters["group_size"] == 128 and parameters["symmetric"] is True
+    assert parameters["method"] == "rtn" and parameters["format"] == "compressed-tensors"
 
 
 def test_eval_command_against_reference(tiny_model_dir: Path, tiny_model_dir_b: Path) -> None:
@@ -142,3 +211,55 @@ def test_eval_of_a_gptqmodel_checkpoint_prints_only_json(
     printed = json.loads(stdout)
     recorded = verify_artifact(gptq_classic_artifact).quality
     assert printed["mean_kl"] == pytest.approx(recorded.mean_kl, rel=1e-4)
+
+
+@pytest.fixture
+def distill_runs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The `DistillConfig` each `quantize distill` run hands to the API (which is replaced: it records the
+    config and stops the command there, as a user error would)."""
+    from quantize import api
+
+    seen: list[Any] = []
+
+    def stop(config: Any, *args: object, **kwargs: object) -> None:
+        seen.append(config)
+        raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(api, "distill", stop)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("recipe", "flags", "expected"),
+    [
+        (None, [], False),  # neither says: DistillConfig's documented default
+        (None, ["--compare-hard-labels"], True),
+        ({"compare_hard_labels": False}, ["--compare-hard-labels"], True),
+        ({"compare_hard_labels": True}, ["--no-compare-hard-labels"], False),
+        ({"compare_hard_labels": True}, [], True),
+        ({"compare_hard_labels": False}, [], False),
+    ],
+)
+def test_distill_compare_hard_labels_flag_over_recipe(
+    distill_runs: list[Any], tmp_path: Path, recipe: dict[str, bool] | None, flags: list[str], expected: bool
+) -> None:
+    args = ["distill", "--teacher", tmp_path, "--output", tmp_path / "student", *flags]
+    if recipe is not None:
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        args += ["--config", tmp_path / "recipe.yaml"]
+    code, _, err = _run(*args)
+    _assert_refused(code, err, "stopped by the test")
+    assert [config.compare_hard_labels for config in distill_runs] == [expected]
+
+
+def test_distill_flags_override_the_recipe_key_by_key(distill_runs: list[Any], tmp_path: Path) -> None:
+    recipe = {"alpha": 0.2, "temperature": 3.0, "loop": {"max_steps": 5, "batch_size": 2}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, _, err = _run(
+        "distill", "--teacher", tmp_path, "--output", tmp_path / "student",
+        "--config", tmp_path / "recipe.yaml", "--alpha", "0.7", "--max-steps", "9",
+    )  # fmt: skip
+    _assert_refused(code, err, "stopped by the test")
+    (config,) = distill_runs
+    assert (config.alpha, config.temperature) == (0.7, 3.0)
+    assert (config.loop.max_steps, config.loop.batch_size) == (9, 2)
