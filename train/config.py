@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from core.config import StrictModel, validate_config
 from core.errors import ConfigError
+from train.monitor import ReportTo
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -32,7 +33,7 @@ class OptimConfig(StrictModel):
 
 
 class LoopConfig(StrictModel):
-    """The shared training loop (used by LoRA fine-tuning and distillation)."""
+    """The shared training loop (used by LoRA fine-tuning, distillation and QAT)."""
 
     epochs: int = Field(default=1, ge=1, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; overrides epochs.")
@@ -64,6 +65,14 @@ class LoopConfig(StrictModel):
         default=None, gt=0, description="Peak device TFLOP/s for MFU; null: a known GPU's, else no MFU."
     )
     progress: bool = True
+    report_to: list[ReportTo] = Field(
+        default_factory=lambda: list[ReportTo](["tensorboard"]),
+        description=(
+            "Monitoring sinks under the work folder: tensorboard (event files in <work>/tensorboard) and/or "
+            "wandb (an offline run in <work>/wandb); [] for none."
+        ),
+    )
+    wandb_project: str = Field(default="llmstack", min_length=1, description="W&B project of offline runs.")
 
 
 class DataConfig(StrictModel):

@@ -133,6 +133,9 @@ class DistillResult(StrictModel):
     train_samples: int
     eval_samples: int
     stopped_early: bool
+    alerts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Loss spikes, skipped non-finite steps, rollbacks of the run."
+    )
 
 
 class _StudentWithProjections(nn.Module):
@@ -174,9 +177,10 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
 
 
-def _kl_sum(
+def kl_sum(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, t: float
 ) -> torch.Tensor:
+    """Sum over masked positions of T^2 * KL(teacher_T || student_T), computed in fp32."""
     s = nn.functional.log_softmax(student_logits.float() / t, dim=-1)
     p = nn.functional.log_softmax(teacher_logits.float() / t, dim=-1)
     kl = (p.exp() * (p - s)).sum(-1)  # per position
@@ -219,7 +223,7 @@ def _build_task(
                 output_hidden_states=hidden_weight > 0,
             )
         mask = (labels[:, 1:] != -100).to(logits.dtype)
-        loss = (1 - alpha) * ce + alpha * _kl_sum(
+        loss = (1 - alpha) * ce + alpha * kl_sum(
             logits[:, :-1], t_out.logits[:, :-1], mask, config.temperature
         )
         if hidden_weight > 0:
@@ -328,6 +332,7 @@ def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
         train_samples=len(train_data),
         eval_samples=len(eval_data),
         stopped_early=result.stopped_early,
+        alerts=result.alerts,
     )
 
 

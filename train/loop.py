@@ -1,4 +1,4 @@
-"""The one training loop shared by LoRA fine-tuning and distillation.
+"""The one training loop shared by LoRA fine-tuning, distillation and quantization-aware training.
 
 Invariants:
 - A step's loss is the sum of per-token losses of all its micro-batches (on all processes) divided by the
@@ -9,6 +9,9 @@ Invariants:
   loss curve step for step (on CPU, where kernels are deterministic).
 - A non-finite loss or gradient never reaches the optimizer; repeated ones roll back to the last checkpoint
   with a lower learning rate.
+- Every step's loss, learning rate, gradient norm, throughput, MFU (where the peak is known) and memory, and
+  every alert, go to the run's monitor (`train.monitor`: TensorBoard / offline W&B under the work folder);
+  `history` itself stays free of timings, so it is the same whenever the run is repeated or resumed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -46,8 +50,18 @@ from train.checkpoint import (
 )
 from train.config import LoopConfig
 from train.guard import NonFiniteGuard, SpikeDetector
+from train.monitor import Monitor, is_alert
 from train.precision import resolve_precision
-from train.report import EpochStats, PhaseTimer, close_epoch, peak_flops, plot_losses, write_log
+from train.report import (
+    EpochStats,
+    PhaseTimer,
+    close_epoch,
+    current_memory_mb,
+    peak_flops,
+    peak_memory_mb,
+    plot_losses,
+    write_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +88,8 @@ class TrainTask:
     collate: Callable[[list[Any]], dict[str, torch.Tensor]]
     flops_per_token: float | None = None
     eval_loss_fn: LossFn | None = None  # what eval/early stopping measure; defaults to loss_fn
+    # parameter name -> multiple of optim.lr for that parameter (default 1): its own AdamW group
+    lr_multiplier: Callable[[str], float] | None = None
 
 
 @dataclass
@@ -87,6 +103,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     events: list[dict[str, Any]]
+    alerts: list[dict[str, Any]]  # the events that need attention: spikes, skipped steps, rollbacks
     epochs: list[EpochStats]
     log_path: Path | None
 
@@ -160,11 +177,10 @@ class _Run:
         set_seed(config.seed)
         self.precision = resolve_precision(config.precision, self.acc.device)
         self.scaler = self.precision.make_scaler()
-        params = [p for p in task.model.parameters() if p.requires_grad]
-        if not params:
-            raise TrainingError("the model has no trainable parameters")
         optim = config.optim
-        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+        optimizer = torch.optim.AdamW(
+            _param_groups(task, optim.lr), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+        )
         self.model, self.optimizer = self.acc.prepare(task.model, optimizer)
         # FSDP replaces the parameters by sharded ones: clip the prepared model's, not the originals
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -193,6 +209,14 @@ class _Run:
         self.flops = (
             task.flops_per_token / self.peak if task.flops_per_token is not None and self.peak else None
         )
+        self.monitor = Monitor()  # opened by run(), once the starting step is known
+        self._step_tokens = 0  # input tokens of the last step, all processes
+
+    def _event(self, event: dict[str, Any]) -> None:
+        """Record a run event; alerts also go to the log and the monitor."""
+        self.state.events.append(event)
+        if is_alert(event) and self.acc.is_main_process:
+            self.monitor.alert(event)
 
     # ---- data -------------------------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
@@ -263,21 +287,21 @@ class _Run:
         self._restore(checkpoints[-1])
         self.state.rollbacks = keep.rollbacks + 1
         self.state.lr_scale = keep.lr_scale * self.config.rollback_lr_factor
-        self.state.events = [
-            *keep.events,
+        self.state.events = list(keep.events)
+        self.monitor.restart(self.state.step, [e for e in keep.events if is_alert(e)])
+        self._event(
             {
                 "step": keep.step,
                 "event": "rollback",
                 "to_step": self.state.step,
                 "lr_scale": self.state.lr_scale,
-            },
-        ]
+            }
+        )
         self.scheduler.base_lrs = [lr * self.state.lr_scale for lr in self.initial_lrs]
         for group, base, fn in zip(
             self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
         ):
             group["lr"] = base * fn(self.scheduler.last_epoch)
-        log.warning("rolled back to step %d, learning rate x%.3g", self.state.step, self.state.lr_scale)
 
     # ---- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -310,11 +334,10 @@ class _Run:
         else:
             state.evals_without_improvement += 1
         log.info("step %d eval loss %.4f", state.step, loss)
+        self.monitor.scalars(state.step, {"eval/loss": loss})
         patience = cfg.early_stop_patience
         if patience is not None and state.evals_without_improvement >= patience:
-            state.events.append(
-                {"step": state.step, "event": "early_stop", "best_eval_loss": state.best_eval}
-            )
+            self._event({"step": state.step, "event": "early_stop", "best_eval_loss": state.best_eval})
             return True
         return False
 
@@ -323,9 +346,13 @@ class _Run:
         """One optimizer step; None when the step was skipped (non-finite)."""
         with self.timer.phase("data"):
             batches = self._next_micro_batches()
-            tokens = torch.stack([target_tokens(b) for b in batches]).sum().to(self.acc.device)
-            global_tokens = self.acc.reduce(tokens.clone()).clamp(min=1)
             input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            counts = torch.stack(
+                [torch.stack([target_tokens(b) for b in batches]).sum().cpu(), torch.tensor(input_tokens)]
+            ).to(self.acc.device)
+            counts = self.acc.reduce(counts)  # [target tokens, input tokens] of all processes
+            global_tokens = counts[0].clamp(min=1)
+            self._step_tokens = int(counts[1])
         # DDP averages gradients over processes; multiplying by world size makes the result a token mean.
         scale = self.acc.num_processes / global_tokens
         loss_sum = torch.zeros((), device=self.acc.device)
@@ -355,8 +382,7 @@ class _Run:
             verdict = self.guard.check(float(loss_sum) if finite else math.nan, grad_norm)
             if verdict != "ok" and not (self.scaler and finite):
                 self.optimizer.zero_grad(set_to_none=True)
-                self.state.events.append({"step": self.state.step, "event": "nonfinite_skip"})
-                log.warning("step %d: non-finite loss or gradient, step skipped", self.state.step)
+                self._event({"step": self.state.step, "event": "nonfinite_skip"})
                 if verdict == "rollback":
                     self._rollback()
                 return None
@@ -372,8 +398,7 @@ class _Run:
         mean_loss = float(self.acc.reduce(loss_sum) / global_tokens)
         spike = self.spikes.update(mean_loss)
         if spike is not None:
-            self.state.events.append({"step": self.state.step, "event": "loss_spike", "zscore": spike})
-            log.warning("step %d: loss spike %.4f (z=%.1f)", self.state.step, mean_loss, spike)
+            self._event({"step": self.state.step, "event": "loss_spike", "loss": mean_loss, "zscore": spike})
         record = {
             "step": self.state.step,
             "epoch": self.state.epoch,
@@ -386,14 +411,32 @@ class _Run:
         return record
 
     # ---- the run ----------------------------------------------------------------------------------------
-    def run(self, *, resume: bool) -> TrainResult:
-        cfg, state_ckpts = self.config, list_checkpoints(self.ckpt_dir)
-        if resume and state_ckpts:
+    def run(self, *, resume: bool, keep_files: bool) -> TrainResult:
+        state_ckpts = list_checkpoints(self.ckpt_dir)
+        resuming = resume and bool(state_ckpts)
+        if resuming:
             self._restore(state_ckpts[-1])
             log.info("resumed from %s", state_ckpts[-1])
-        else:
-            if state_ckpts:
-                raise TrainingError(f"{self.ckpt_dir} holds checkpoints: pass --resume or use a new output")
+        elif state_ckpts:
+            raise TrainingError(f"{self.ckpt_dir} holds checkpoints: pass --resume or use a new output")
+        cfg = self.config
+        self.monitor = Monitor.open(
+            cfg.report_to,
+            self.work_dir if keep_files else None,
+            explicit="report_to" in cfg.model_fields_set,
+            main_process=self.acc.is_main_process,
+            resume_step=self.state.step if resuming else None,
+            wandb_project=cfg.wandb_project,
+            run_config=cfg.model_dump(mode="json"),
+        )
+        try:
+            return self._run(resuming)
+        finally:
+            self.monitor.close()
+
+    def _run(self, resuming: bool) -> TrainResult:
+        cfg = self.config
+        if not resuming:
             self._record_eval()
             self._save()  # step 0: the rollback target before the first periodic checkpoint
         self.model.train()
@@ -408,9 +451,11 @@ class _Run:
         epoch = self.state.epoch
         stopped_early = False
         while self.state.step < self.total_steps:
+            started = time.perf_counter()
             record = self._step()
             if record is None:
                 continue
+            self._monitor_step(record, time.perf_counter() - started)
             if record["epoch"] != epoch:  # the first step of a new epoch: close the previous one
                 epochs.append(self._close(epoch, epoch_steps, epoch_tokens))
                 epoch, epoch_steps, epoch_tokens = record["epoch"], 0, 0
@@ -433,6 +478,24 @@ class _Run:
             self._record_eval()
         return self._finish(epochs, stopped_early)
 
+    def _monitor_step(self, record: dict[str, Any], seconds: float) -> None:
+        tokens_per_s = self._step_tokens / seconds if seconds > 0 else 0.0
+        per_device = tokens_per_s / self.acc.num_processes
+        self.monitor.scalars(
+            record["step"],
+            {
+                "train/loss": record["loss"],
+                "train/lr": record["lr"],
+                "train/grad_norm": record["grad_norm"],
+                "train/epoch": record["epoch"],
+                "perf/step_s": seconds,
+                "perf/tokens_per_s": tokens_per_s,
+                "perf/mfu": per_device * self.flops if self.flops is not None else None,
+                "perf/memory_mb": current_memory_mb(self.acc.device),
+                "perf/peak_memory_mb": peak_memory_mb(self.acc.device),
+            },
+        )
+
     def _close(self, epoch: int, steps: int, tokens: int) -> EpochStats:
         stats = close_epoch(epoch, steps, tokens, self.timer.take(), self.acc.device, self.flops)
         log.info("epoch %d: %s", epoch, stats)
@@ -451,6 +514,7 @@ class _Run:
             history=state.history,
             evals=evals,
             events=state.events,
+            alerts=[e for e in state.events if is_alert(e)],
             epochs=epochs,
             log_path=None,
         )
@@ -464,7 +528,11 @@ class _Run:
                 **{k: v for k, v in vars(result).items() if k != "log_path"},
             }
             result.log_path = write_log(self.work_dir, payload)
-            plot_losses(self.work_dir, state.history, evals)
+            plot_losses(self.work_dir, state.history, evals, result.alerts)
+            if result.alerts:
+                log.warning(
+                    "%d alert(s) in this run: see `alerts` in %s", len(result.alerts), result.log_path
+                )
         return result
 
 
@@ -476,12 +544,27 @@ def train(
     resume: bool = False,
     accelerator: Accelerator | None = None,
 ) -> TrainResult:
-    """Train `task.model` in place. Checkpoints, the JSON log and the loss-curve PNG go to `work_dir`
-    (a temporary folder, removed at the end, when None)."""
+    """Train `task.model` in place. Checkpoints, the JSON log, the loss-curve PNG and the monitor's files
+    (`config.report_to`) go to `work_dir`; when it is None, checkpoints and logs go to a temporary folder
+    removed at the end, and no monitor files are written."""
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
-        return _Run(task, config, work_dir, accelerator).run(resume=resume)
+        return _Run(task, config, work_dir, accelerator).run(resume=resume, keep_files=True)
     with tempfile.TemporaryDirectory(prefix="train-") as tmp:
-        result = _Run(task, config, Path(tmp), accelerator).run(resume=False)
+        result = _Run(task, config, Path(tmp), accelerator).run(resume=False, keep_files=False)
         result.log_path = None
         return result
+
+
+def _param_groups(task: TrainTask, lr: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the trainable parameters grouped by learning-rate multiple, the plain ones
+    (multiple 1) first, so `param_groups[0]["lr"]` is the logged learning rate whenever there are any."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in task.model.named_parameters():
+        if param.requires_grad:
+            factor = task.lr_multiplier(name) if task.lr_multiplier is not None else 1.0
+            groups.setdefault(factor, []).append(param)
+    if not groups:
+        raise TrainingError("the model has no trainable parameters")
+    order = sorted(groups, key=lambda factor: factor != 1.0)
+    return [{"params": groups[factor], "lr": lr * factor} for factor in order]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -47,6 +48,7 @@ class LoraResult(BaseModel):
     eval_records: int
     skipped_records: list[str]
     stopped_early: bool
+    alerts: list[dict[str, Any]]  # loss spikes, skipped non-finite steps, rollbacks (see train.monitor)
 
 
 def default_work_dir(output: Path) -> Path:
@@ -171,4 +173,5 @@ def train_lora(
         eval_records=len(eval_set.examples),
         skipped_records=records.problems + (held_out.problems if held_out else []),
         stopped_early=result.stopped_early,
+        alerts=result.alerts,
     )

@@ -1,4 +1,4 @@
-"""Run reporting: phase timers, per-epoch breakdown, MFU, peak memory, the JSON log and the loss-curve PNG.
+"""Run reporting: phase timers, per-epoch breakdown, MFU, memory, the JSON log and the loss-curve PNG.
 
 Invariant: reporting only observes; nothing here changes what is trained.
 """
@@ -58,6 +58,20 @@ def peak_memory_mb(device: torch.device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Accelerator memory allocated by torch now, or this process's resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_memory_mb(device)
 
 
 @dataclass
@@ -132,8 +146,14 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def plot_losses(folder: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Path:
-    """A PNG of the training loss per step and the eval loss per evaluation."""
+def plot_losses(
+    folder: Path,
+    steps: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    alerts: list[dict[str, Any]] | None = None,
+) -> Path:
+    """A PNG of the training loss per step and the eval loss per evaluation; alerts (spikes, skipped steps,
+    rollbacks) are marked by vertical lines at their step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +163,11 @@ def plot_losses(folder: Path, steps: list[dict[str, Any]], evals: list[dict[str,
     ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss", linewidth=1)
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    colours = {"loss_spike": "tab:orange", "nonfinite_skip": "tab:red", "rollback": "tab:purple"}
+    for kind, colour in colours.items():
+        marks = sorted({a["step"] for a in alerts or [] if a["event"] == kind})
+        for index, step in enumerate(marks):
+            ax.axvline(step, color=colour, alpha=0.5, linestyle="--", label=kind if index == 0 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

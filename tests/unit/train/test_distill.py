@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from core.models import load_causal_lm
+from tests.unit.train.test_monitor import tensorboard_events
 from train.config import LoopConfig, OptimConfig
 from train.distill import DistillConfig, distill, layer_map, student_from_teacher
+from train.monitor import TENSORBOARD_DIR
 
 
 def _loop(steps: int, **overrides) -> LoopConfig:
@@ -38,6 +40,7 @@ def test_distill_writes_a_loadable_student_and_reports_heldout_losses(
         max_length=48,
         compare_hard_labels=True,
         loop=_loop(12, optim=OptimConfig(lr=2e-3)),
+        work_dir=tmp_path / "work",
     )
     out = tmp_path / "student"
     result = distill(config, out)
@@ -48,6 +51,10 @@ def test_distill_writes_a_loadable_student_and_reports_heldout_losses(
     assert result.heldout_loss_hard_labels is not None
     assert result.heldout_loss != result.heldout_loss_hard_labels  # the KL term changed the training
     assert {"tokenizer.json", "config.json", "train_log.json"} <= {p.name for p in out.iterdir()}
+    for run in ("distill", "hard_labels"):  # both runs are monitored, each in its own folder
+        scalars, _ = tensorboard_events(tmp_path / "work" / run / TENSORBOARD_DIR)
+        assert [step for step, _ in scalars["train/loss"]] == list(range(1, 13))
+    assert result.alerts == []
 
 
 def test_hidden_state_matching_learns_projections_across_widths(tiny_model_dir: Path, tmp_path: Path) -> None:
