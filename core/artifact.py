@@ -29,7 +29,7 @@ MANIFEST_NAME = "artifact.json"
 SCHEMA_VERSION = 1
 _CHUNK = 1 << 20
 
-ArtifactKind = Literal["awq", "gptq", "rtn", "nf4", "merged", "distilled", "lora", "base"]
+ArtifactKind = Literal["awq", "gptq", "rtn", "nf4", "qat", "merged", "distilled", "lora", "base"]
 
 
 class SourceModel(StrictModel):

@@ -1,4 +1,4 @@
-"""`train` command line: a thin typer layer over train.lora, train.distill and train.memory.
+"""`train` command line: a thin typer layer over train.lora, train.distill, train.qat and train.memory.
 
 Invariant: every user error surfaces as one `error: ...` line on stderr and exit status 2.
 """
@@ -18,7 +18,11 @@ from core.models import read_config
 from train.config import LoraRecipe, load_recipe
 from train.memory import estimate_memory, format_estimate
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="LoRA fine-tuning and distillation.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="LoRA fine-tuning, distillation and quantization-aware training.",
+)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Recipe YAML (see train/recipes/).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")]
@@ -91,6 +95,26 @@ def distill(
         raise ConfigError(f"output {output} already exists and is not empty")
     settings = distill_config(config, flags, defaults={"work_dir": output.parent / f"{output.name}.work"})
     result = run_distill(settings, output)
+    if PartialState().is_main_process:
+        typer.echo(result.model_dump_json(indent=2))
+
+
+@app.command()
+def qat(
+    model: Annotated[Path, typer.Option(help="Model folder to quantize (full precision).")],
+    data: Annotated[str, typer.Option(help="Training text: a .txt/.jsonl file or builtin:pydoc-topics.")],
+    output: Annotated[Path, typer.Option(help="QAT artifact folder to write (compressed-tensors W4A16).")],
+    config: ConfigOpt = None,
+    work_dir: WorkOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Quantization-aware training: fine-tune through fake-quantized weights (STE, learned group scales),
+    then write a compressed-tensors artifact that `serve` loads, with its measured quality."""
+    from train.qat import QatRecipe, train_qat
+
+    recipe = load_recipe(config, QatRecipe) if config else QatRecipe()
+    result = train_qat(model, data, output, recipe, work_dir=work_dir, resume=resume, overwrite=overwrite)
     if PartialState().is_main_process:
         typer.echo(result.model_dump_json(indent=2))
 

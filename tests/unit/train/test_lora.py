@@ -11,8 +11,10 @@ import torch
 
 from core.artifact import folder_digest, verify_artifact
 from core.errors import ConfigError
+from tests.unit.train.test_monitor import tensorboard_events
 from train.config import LoraRecipe, load_recipe
 from train.lora import train_lora
+from train.monitor import TENSORBOARD_DIR
 
 RECIPE = {
     "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
@@ -45,6 +47,10 @@ def test_lora_lowers_heldout_loss_and_writes_an_adapter_artifact(
     assert {"train_log.json", "loss_curve.png", "adapter_model.safetensors"} <= {
         p.name for p in out.iterdir()
     }
+    scalars, _ = tensorboard_events(tmp_path / "adapter.work" / TENSORBOARD_DIR)  # the default work dir
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 25))
+    assert [step for step, _ in scalars["eval/loss"]] == [0, 8, 16, 24]
+    assert result.alerts == []
 
     from peft import PeftModel
 
@@ -59,9 +65,10 @@ def test_lora_lowers_heldout_loss_and_writes_an_adapter_artifact(
 
 def test_every_shipped_recipe_loads() -> None:
     from train.distill import DistillConfig
+    from train.qat import QatRecipe
 
     recipes = sorted((Path(__file__).parents[3] / "train" / "recipes").glob("*.yaml"))
-    assert len(recipes) >= 2
+    assert len(recipes) >= 4
     for path in recipes:
         if path.name == "fsdp.yaml":  # an accelerate config (run by test_multiprocess.py), not a recipe
             from accelerate.commands.config.config_args import load_config_from_file
@@ -73,6 +80,8 @@ def test_every_shipped_recipe_loads() -> None:
             import yaml
 
             DistillConfig.model_validate({**yaml.safe_load(path.read_text()), "teacher": "model"})
+        elif path.name.startswith("qat"):
+            load_recipe(path, QatRecipe)
         else:
             load_recipe(path, LoraRecipe)
 
