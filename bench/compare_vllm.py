@@ -120,6 +120,13 @@ def server_command(name: str, model: Path, served: str, port: int, args: argpars
     ]
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` alone (its children, e.g. vLLM's engine core, excluded)."""
+    fields_after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields_after_name[11]), int(fields_after_name[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def contender_env() -> dict[str, str]:
     env = dict(os.environ)
     cpu_env.apply_defaults(env)
@@ -158,7 +165,16 @@ def run_server(name: str, model: Path, args: argparse.Namespace, log_dir: Path) 
             print(f"  {name}: ready in {time.monotonic() - started:.1f} s (log {log_path})", flush=True)
             prompts = build_prompts(args.num_prompts, seed=args.seed)
             base = load_config(args, base_url, args.served_model_name, None)
-            return asyncio.run(run_levels(base, prompts, args.concurrency, args.num_requests, args.warmup))
+            return asyncio.run(
+                run_levels(
+                    base,
+                    prompts,
+                    args.concurrency,
+                    args.num_requests,
+                    args.warmup,
+                    cpu_seconds=lambda: process_cpu_seconds(proc.pid),
+                )
+            )
         finally:
             stop(proc)
 
@@ -233,6 +249,18 @@ def report(results: dict[str, list[list[Summary]]], concurrencies: Sequence[int]
         for i in range(len(concurrencies)):
             medians.append(median_summary([r[i] for r in rounds]))
         lines.append(format_table(medians))
+    lines.append("\nAPI-process CPU ms per request, ours/vllm (median over rounds [min..max]):")
+    for i, conc in enumerate(concurrencies):
+        cpu = [
+            o[i].api_cpu_ms_per_request / v[i].api_cpu_ms_per_request
+            for o, v in zip(results.get("ours", []), results.get("vllm", []), strict=False)
+        ]
+        ours_ms = median([o[i].api_cpu_ms_per_request for o in results.get("ours", [])])
+        vllm_ms = median([v[i].api_cpu_ms_per_request for v in results.get("vllm", [])])
+        span = f"[{min(cpu, default=float('nan')):.3f}..{max(cpu, default=float('nan')):.3f}]"
+        lines.append(
+            f"{conc:>5d}  ours {ours_ms:6.2f} ms  vllm {vllm_ms:6.2f} ms  ratio {median(cpu):.3f} {span}"
+        )
     lines.append("\npaired ratios (median over rounds; each round's contenders ran back to back):")
     lines.append(
         " conc  tok/s ours/vllm [min..max]   TTFT p50 ours-vllm ms [min..max]   ITL p50 ours-vllm ms"
@@ -272,8 +300,9 @@ def markdown(results: dict[str, list[list[Summary]]], concurrencies: Sequence[in
     rows += [
         "",
         "| conc | tok/s ours/vllm (median, min..max) | TTFT p50 ours−vllm ms (median, min..max) "
+        "| API CPU ms/request ours, vllm | API CPU ours/vllm (median, min..max) "
         "| tok/s ours/engine | tok/s vllm/engine |",
-        "|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ours, theirs, engine = results.get("ours", []), results.get("vllm", []), results.get("engine", [])
     for i, conc in enumerate(concurrencies):
@@ -283,9 +312,18 @@ def markdown(results: dict[str, list[list[Summary]]], concurrencies: Sequence[in
         v_e = [v[i].output_throughput / e[i].output_throughput for v, e in zip(theirs, engine, strict=False)]
         if not tput:
             continue
+        cpu = [
+            o[i].api_cpu_ms_per_request / v[i].api_cpu_ms_per_request
+            for o, v in zip(ours, theirs, strict=False)
+        ]
+        cpu_ms = (
+            median([o[i].api_cpu_ms_per_request for o in ours]),
+            median([v[i].api_cpu_ms_per_request for v in theirs]),
+        )
         rows.append(
             f"| {conc} | {median(tput):.3f} ({min(tput):.3f}..{max(tput):.3f}) "
             f"| {median(ttft):+.1f} ({min(ttft):+.1f}..{max(ttft):+.1f}) "
+            f"| {cpu_ms[0]:.2f}, {cpu_ms[1]:.2f} | {median(cpu):.3f} ({min(cpu):.3f}..{max(cpu):.3f}) "
             f"| {median(o_e):.3f} | {median(v_e):.3f} |"
         )
     return "\n".join(rows)

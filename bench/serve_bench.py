@@ -89,6 +89,7 @@ class Summary:
     itl_p99_ms: float
     e2e_p50_ms: float
     error_samples: list[str]
+    api_cpu_ms_per_request: float = math.nan  # CPU of the server's API process, when a probe was given
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -303,8 +304,11 @@ async def run_levels(
     concurrencies: Sequence[int],
     num_requests: int | None = None,
     warmup: int = 4,
+    cpu_seconds: Callable[[], float] | None = None,
 ) -> list[Summary]:
-    """Warm up with `warmup` sequential requests, then one load run per concurrency level."""
+    """Warm up with `warmup` sequential requests, then one load run per concurrency level. With
+    `cpu_seconds` (the server's API-process CPU time so far), each level also reports that process's CPU
+    milliseconds per completed request."""
     if warmup:
         warm = replace(base, concurrency=1, num_requests=warmup, request_rate=None)
         await run_load(warm, prompts)
@@ -313,8 +317,14 @@ async def run_levels(
         cfg = replace(
             base, concurrency=concurrency, num_requests=num_requests or default_num_requests(concurrency)
         )
+        cpu_before = cpu_seconds() if cpu_seconds else 0.0
         results, duration = await run_load(cfg, prompts)
-        summaries.append(summarize(cfg, results, duration))
+        summary = summarize(cfg, results, duration)
+        if cpu_seconds is not None and summary.completed:
+            summary = replace(
+                summary, api_cpu_ms_per_request=(cpu_seconds() - cpu_before) * 1e3 / summary.completed
+            )
+        summaries.append(summary)
     return summaries
 
 
