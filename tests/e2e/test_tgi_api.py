@@ -102,7 +102,7 @@ def test_details_prefill_and_top_tokens(hub: InferenceClient) -> None:
     assert all(t.logprob <= 0 and isinstance(t.id, int) and t.special is False for t in details.tokens)
     assert len(details.prefill) >= 2 and details.prefill[0].logprob is None
     assert all(len(top) == 3 for top in details.top_tokens)
-    assert all(top[0].logprob >= top[-1].logprob for top in details.top_tokens)
+    assert all(top[0]["logprob"] >= top[-1]["logprob"] for top in details.top_tokens)  # parsed as dicts
     streamed = list(hub.text_generation(PROMPT, max_new_tokens=6, details=True, stream=True))
     assert [s.token.id for s in streamed] == [t.id for t in details.tokens]
     assert streamed[-1].generated_text == out.generated_text and streamed[-1].details.generated_tokens == 6
