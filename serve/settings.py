@@ -39,6 +39,38 @@ class ServeSettings(StackSettings):
         ge=1,
         description="split the model over this many GPUs (CPU: workers; needs VLLM_CPU_OMP_THREADS_BIND)",
     )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="split the model's layers over this many workers (with --nnodes: across nodes)"
+    )
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="engine replicas behind this server, balanced by vLLM by load (CPU: one "
+        "VLLM_CPU_OMP_THREADS_BIND entry per local rank, e.g. '0|1')",
+    )
+    data_parallel_size_local: int | None = Field(
+        None,
+        ge=0,
+        description="data-parallel ranks started on this node; the rest join headless from other nodes "
+        "(default: all of --data-parallel-size)",
+    )
+    data_parallel_address: str | None = Field(
+        None, description="address of this node that headless data-parallel ranks connect to"
+    )
+    data_parallel_rpc_port: int | None = Field(
+        None, ge=1, le=65535, description="port for the data-parallel handshake at --data-parallel-address"
+    )
+    data_parallel_start_rank: int | None = Field(
+        None, ge=0, description="first data-parallel rank run on this node (headless nodes)"
+    )
+    nnodes: int = Field(1, ge=1, description="nodes one engine's tensor/pipeline parallel workers span")
+    node_rank: int = Field(0, ge=0, description="this node's rank among --nnodes")
+    master_addr: str = Field(
+        "127.0.0.1", description="node 0's address for multi-node tensor/pipeline parallel (--nnodes > 1)"
+    )
+    master_port: int = Field(
+        29501, ge=1, le=65535, description="node 0's port for multi-node tensor/pipeline parallel"
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="weight/activation dtype"
     )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from serve.engine.vllm_engine import engine_args
 from serve.settings import parse_settings
 
@@ -44,3 +47,79 @@ def test_unset_flags_leave_vllm_defaults(tmp_path: Path) -> None:
     )  # fmt: skip
     assert args.enforce_eager is True  # the CPU build: no CUDA graphs / compilation
     assert args.enable_lora is False
+
+
+# Scale-out flags: each `serve` flag carries the name of vLLM's own flag and must give the `AsyncEngineArgs`
+# field that `vllm serve` gives for the same flag and value.
+_PARALLEL_FLAGS = [
+    ("--pipeline-parallel-size", "2", "pipeline_parallel_size", 2),
+    ("--data-parallel-size", "4", "data_parallel_size", 4),
+    ("--data-parallel-size-local", "0", "data_parallel_size_local", 0),
+    ("--data-parallel-size-local", "2", "data_parallel_size_local", 2),
+    ("--data-parallel-address", "10.1.2.3", "data_parallel_address", "10.1.2.3"),
+    ("--data-parallel-rpc-port", "13345", "data_parallel_rpc_port", 13345),
+    ("--data-parallel-start-rank", "3", "data_parallel_start_rank", 3),
+    ("--nnodes", "2", "nnodes", 2),
+    ("--node-rank", "1", "node_rank", 1),
+    ("--master-addr", "10.9.8.7", "master_addr", "10.9.8.7"),
+    ("--master-port", "29999", "master_port", 29999),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "field", "expected"), _PARALLEL_FLAGS)
+def test_parallel_flag_maps_like_vllms_own_flag(
+    tmp_path: Path, flag: str, value: str, field: str, expected: object
+) -> None:
+    from vllm import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    ours = getattr(engine_args(parse_settings([flag, value]), tmp_path), field)
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    vllms = getattr(
+        AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", str(tmp_path), flag, value])), field
+    )
+    assert ours == vllms == expected
+
+
+@pytest.mark.parametrize("field", sorted({field for _, _, field, _ in _PARALLEL_FLAGS}))
+def test_parallel_flags_default_to_vllms_defaults(tmp_path: Path, field: str) -> None:
+    from vllm import AsyncEngineArgs
+
+    assert getattr(engine_args(parse_settings([]), tmp_path), field) == getattr(
+        AsyncEngineArgs(model=str(tmp_path)), field
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--pipeline-parallel-size", "0"),
+        ("--data-parallel-size", "0"),
+        ("--data-parallel-size-local", "-1"),
+        ("--data-parallel-rpc-port", "70000"),
+        ("--data-parallel-start-rank", "-1"),
+        ("--nnodes", "0"),
+        ("--node-rank", "-1"),
+        ("--master-port", "0"),
+    ],
+)
+def test_parallel_flags_refuse_out_of_range_values(flag: str, value: str) -> None:
+    with pytest.raises(ValidationError, match=flag.removeprefix("--").replace("-", "_")):
+        parse_settings([flag, value])
+
+
+def test_one_headless_rank_joins_a_two_rank_server(tmp_path: Path) -> None:
+    """The API node of the documented two-node layout: one local rank, the handshake address, and vLLM's
+    parallel config says rank 1 comes from elsewhere."""
+    settings = parse_settings(
+        [
+            "--data-parallel-size", "2",
+            "--data-parallel-size-local", "1",
+            "--data-parallel-address", "127.0.0.1",
+            "--data-parallel-rpc-port", "13345",
+        ]
+    )  # fmt: skip
+    args = engine_args(settings, tmp_path)
+    assert (args.data_parallel_size, args.data_parallel_size_local) == (2, 1)
+    assert (args.data_parallel_address, args.data_parallel_rpc_port) == ("127.0.0.1", 13345)
+    assert args.data_parallel_start_rank is None  # rank 0 on the API node
