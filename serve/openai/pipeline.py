@@ -125,16 +125,23 @@ class Generation:
 
     def outputs(self) -> AsyncGenerator[tuple[int, EngineOutput], None]:
         """(prompt index, engine output) of every prompt, as they come; closing it aborts what is left."""
-        runs = [
-            _run_one(self, f"{self.request_id}-{i}" if len(self.prompts) > 1 else self.request_id, prompt)
-            for i, prompt in enumerate(self.prompts)
-        ]
-        return merge_async_iterators(*runs)
+        if len(self.prompts) == 1:  # the common case: no merging layer between the engine and the stream
+            return _run_one(self, self.request_id, self.prompts[0], 0)
+        runs = [_run_one(self, f"{self.request_id}-{i}", p, i) for i, p in enumerate(self.prompts)]
+        return _merged(runs)
+
+
+async def _merged(
+    runs: list[AsyncGenerator[tuple[int, EngineOutput], None]],
+) -> AsyncGenerator[tuple[int, EngineOutput], None]:
+    async with aclosing(merge_async_iterators(*runs)) as merged:  # closing this closes (aborts) every run
+        async for _, item in merged:
+            yield item
 
 
 async def _run_one(
-    gen: Generation, request_id: str, prompt: EnginePrompt
-) -> AsyncGenerator[EngineOutput, None]:
+    gen: Generation, request_id: str, prompt: EnginePrompt, index: int
+) -> AsyncGenerator[tuple[int, EngineOutput], None]:
     """One engine request, recorded in the metrics and in `gen.usage`; aborted if left early."""
     state, label = gen.state, gen.label
     ttft, itl = metrics.TIME_TO_FIRST_TOKEN.labels(label), metrics.INTER_TOKEN_LATENCY.labels(label)
@@ -177,7 +184,7 @@ async def _run_one(
                         metrics.REQUEST_GENERATION_TOKENS.labels(label).observe(generated)
                         metrics.PROMPT_TOKENS.labels(label).inc(out.prompt_tokens)
                         metrics.GENERATION_TOKENS.labels(label).inc(generated)
-                    yield out
+                    yield index, out
     except VLLMClientError as err:
         raise OpenAIError(400, str(err), param=getattr(err, "parameter", None)) from None
     except ValueError as err:

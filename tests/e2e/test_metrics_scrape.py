@@ -124,7 +124,10 @@ def drive(server: RunningServer) -> Traffic:
     client = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120)
     traffic = Traffic()
     for model in (BASE, ADAPTER):
-        chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS)
+        # a field of the client's own, as SDKs add them: ignored and counted (the field policy)
+        chat = client.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=MAX_TOKENS, extra_body={"x_client_tag": "e2e"}
+        )
         traffic.record("/v1/chat/completions", model, chat.usage)
         stream = client.chat.completions.create(
             model=model,
