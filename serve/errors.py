@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -68,10 +69,34 @@ def sse_error_frame(err: OpenAIError) -> str:
     return f"data: {json.dumps(err.body())}\n\n"
 
 
+# Sent with 503 engine_dead: the process exits and its supervisor restarts it (serve.cli), which takes tens
+# of seconds; a client retrying sooner meets a refused connection or another instance.
+ENGINE_DEAD_RETRY_AFTER_SECONDS = 10
+
+
+def engine_dead_error(detail: str = "the inference engine died") -> OpenAIError:
+    """503 `engine_dead`: the engine is gone for good; this server is about to exit and be restarted."""
+    return OpenAIError(
+        503,
+        f"{detail}; the server is restarting, retry later",
+        code="engine_dead",
+        headers={"Retry-After": str(ENGINE_DEAD_RETRY_AFTER_SECONDS)},
+    )
+
+
+def is_engine_dead(exc: BaseException) -> bool:
+    """True for vLLM's `EngineDeadError` (looked up only if vLLM is loaded: this module never imports it)."""
+    module = sys.modules.get("vllm.v1.engine.exceptions")
+    return module is not None and isinstance(exc, module.EngineDeadError)
+
+
 def as_openai_error(exc: BaseException) -> OpenAIError:
-    """Our own errors keep their status; user errors from `core` are 400; anything else is a 500."""
+    """Our own errors keep their status; user errors from `core` are 400; a dead engine is 503 `engine_dead`
+    (with Retry-After); anything else is a 500."""
     if isinstance(exc, OpenAIError):
         return exc
+    if is_engine_dead(exc):
+        return engine_dead_error()
     if isinstance(exc, ModelNotFound):
         return OpenAIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, StackError):

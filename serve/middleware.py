@@ -1,7 +1,8 @@
 """ASGI middleware of the API: body size limit, draining, in-flight accounting, HTTP metrics.
 
 Invariants: a body over the limit is refused with 413 before a handler sees it; while draining, every
-request except /health, /ready and /metrics gets 503; `in_flight` drops only when a response (stream
+request except /health, /ready and /metrics gets 503 (`draining`), and so does every such request once the
+engine has died (`engine_dead`, with Retry-After); `in_flight` drops only when a response (stream
 included) is over, and the callbacks a handler put on `request.state.cleanup` run then, whatever happened.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve import metrics
-from serve.errors import OpenAIError
+from serve.errors import OpenAIError, engine_dead_error
 from serve.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class APIMiddleware:
 
         self.state.in_flight += 1
         try:
+            if self.state.engine_dead:
+                await _send_error(send_wrapper, engine_dead_error())
+                return
             if self.state.draining:
                 await _send_error(send_wrapper, OpenAIError(503, "server is shutting down", code="draining"))
                 return

@@ -1,8 +1,8 @@
 """The server's shared state, reachable from handlers as `request.app.state.server`.
 
-Invariants: `draining` only goes from False to True; `in_flight` counts API requests whose response has not
-finished (streams included), so a drain can wait for it to reach zero; `settings` holds no API key (they
-live in `keys`, as digests only).
+Invariants: `draining` and `engine_dead` only go from False to True; `in_flight` counts API requests whose
+response has not finished (streams included), so a drain can wait for it to reach zero; `settings` holds no
+API key (they live in `keys`, as digests only).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class ServerState:
     model_labels: metrics.BoundedLabels
     key_labels: metrics.BoundedLabels
     draining: bool = False
+    engine_dead: bool = False  # set by the CLI's engine watchdog (serve.cli): the process is about to exit
     in_flight: int = 0
 
     @classmethod

@@ -71,6 +71,13 @@ def test_each_profile_runs_one_server_with_prometheus_and_grafana(profile: str, 
     assert service == "server" or "server" in server["networks"]["default"]["aliases"]
 
 
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: f"profile-{p}")
+def test_every_service_is_restarted_after_a_failure(profile: str) -> None:
+    """`serve` exits non-zero when its engine dies (tests/e2e/test_engine_death.py): compose restarts it."""
+    for name, service in resolved(profile)["services"].items():
+        assert service.get("restart") in ("always", "unless-stopped", "on-failure"), name
+
+
 def test_default_profile_is_cpu() -> None:
     """docker/.env selects the cpu profile, so a plain `docker compose up` runs on any machine."""
     assert set(resolved(None)["services"]) == {"server", "prometheus", "grafana"}
