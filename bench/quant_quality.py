@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.quality import EvalConfig
 from quantize import api
-from quantize.config import AwqConfig, CalibrationConfig, EvalConfig, GptqConfig, Nf4Config, RtnConfig
+from quantize.config import AwqConfig, CalibrationConfig, GptqConfig, Nf4Config, RtnConfig
 
 
 def _size_mb(folder: Path) -> float:

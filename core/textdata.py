@@ -9,9 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.artifact import DataInfo, texts_digest
 from core.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BUILTIN_CORPUS = "builtin:pydoc-topics"
 _HELD_OUT_EVERY = 5  # one paragraph in five is held out for evaluation
@@ -73,3 +77,38 @@ def load_texts(source: str | Path | None, *, split: str = "train") -> tuple[list
 def data_info(name: str, texts: list[str], num_tokens: int | None = None) -> DataInfo:
     """The manifest record of a set of samples as used."""
     return DataInfo(name=name, digest=texts_digest(texts), num_samples=len(texts), num_tokens=num_tokens)
+
+
+HF_PREFIX = "hf:"
+
+
+def load_samples(source: str | None, *, split: str, limit: int) -> tuple[list[str], str]:
+    """At most `limit` non-empty texts and a display name. `source`: a file, `hf:NAME[:SPLIT]`, or None for
+    the built-in corpus' `split` ('train' for calibration, 'heldout' for evaluation)."""
+    if source is not None and source.startswith(HF_PREFIX):
+        texts, name = _load_hub_dataset(source.removeprefix(HF_PREFIX))
+    else:
+        texts, name = load_texts(source, split=split)
+    texts = [t for t in texts if t.strip()][:limit]
+    if not texts:
+        raise DataError(f"data source {name} holds no text")
+    return texts, name
+
+
+def _load_hub_dataset(spec: str) -> tuple[list[str], str]:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # the library raises many kinds (offline, missing, gated)
+        raise DataError(f"cannot load dataset {name!r}: {str(err).splitlines()[0]}") from None
+    if "text" not in dataset.column_names:
+        raise DataError(f"dataset {name!r} has no 'text' column (columns: {', '.join(dataset.column_names)})")
+    return [str(t) for t in dataset["text"]], f"{HF_PREFIX}{spec}"
+
+
+def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> list[list[int]]:
+    """Token ids per text, truncated to `max_seq_len`; texts of fewer than 2 tokens are dropped."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_seq_len, add_special_tokens=False)
+    return [ids for ids in encoded["input_ids"] if len(ids) >= 2]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core import quality as evaluation
 from core.artifact import (
     ArtifactKind,
     DataInfo,
@@ -28,12 +29,12 @@ from core.artifact import (
 )
 from core.errors import ConfigError
 from core.models import check_architecture, load_tokenizer, read_config, resolve_model_dir
-from quantize import eval as evaluation
-from quantize.calibration import calibration_dataset, load_samples
+from core.quality import EvalConfig
+from core.textdata import load_samples
+from quantize.calibration import calibration_dataset
 from quantize.config import (
     CalibratedConfig,
     CalibrationConfig,
-    EvalConfig,
     MergeLoraConfig,
     MethodConfig,
     WeightQuantConfig,

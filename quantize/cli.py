@@ -27,7 +27,8 @@ from pydantic.fields import FieldInfo
 
 from core.artifact import Manifest, Quality
 from core.errors import StackError
-from quantize.config import EvalConfig, MergeLoraConfig, MethodConfig, validated
+from core.quality import EvalConfig
+from quantize.config import MergeLoraConfig, MethodConfig, validated
 from quantize.methods import METHODS, Method
 
 app = typer.Typer(

@@ -13,8 +13,8 @@ from typing import Final, Literal, TypeVar
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from core.config import StrictModel, validate_config
+from core.quality import SUPPORTED_BITS
 
-SUPPORTED_BITS = (4, 8)
 COMPRESSED_TENSORS: Final = "compressed-tensors"
 BITSANDBYTES: Final = "bitsandbytes"
 GPTQMODEL_AWQ_GRID: Final = 20  # gptqmodel's AWQ scale search: fixed grid, always duo scaling
@@ -32,18 +32,6 @@ class CalibrationConfig(StrictModel):
     )
     num_samples: int = Field(default=128, ge=1, description="Calibration samples used (at most).")
     max_seq_len: int = Field(default=512, ge=8, description="Tokens per calibration sample (truncated).")
-
-
-class EvalConfig(StrictModel):
-    """Held-out evaluation: perplexity, and against a reference model mean KL and top-1 agreement."""
-
-    eval_data: str | None = Field(
-        default=None,
-        description="Held-out text (.txt/.jsonl). Default: the built-in corpus' held-out split, which never "
-        "overlaps the built-in calibration split.",
-    )
-    eval_samples: int = Field(default=64, ge=1, description="Evaluation samples used (at most).")
-    eval_seq_len: int = Field(default=256, ge=8, description="Tokens per evaluation sample (truncated).")
 
 
 class MethodConfig(StrictModel):

@@ -18,7 +18,7 @@ Invariants:
   source model's dtype.
 - The objective is kl_weight * T^2 * KL(full-precision model || fake-quantized model) + (1 - kl_weight) * CE
   per target token. The artifact's quality is measured on the files as written, on held-out text training
-  never saw, exactly as `quantize` measures its artifacts (`quantize.eval.evaluate`).
+  never saw, exactly as `quantize` measures its artifacts (`core.quality.evaluate`).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from core.artifact import (
 from core.config import StrictModel
 from core.errors import ConfigError
 from core.models import check_architecture, load_causal_lm, load_tokenizer, read_config, resolve_model_dir
+from core.quality import SUPPORTED_BITS, EvalConfig
 from core.textdata import data_info, load_texts
-from quantize.config import SUPPORTED_BITS, EvalConfig
 from train.checkpoint import is_sharded
 from train.config import LoopConfig
 from train.data import Example, collate, tokenize_texts
@@ -359,7 +359,7 @@ def _build_task(
 
 
 def _evaluate(folder: Path, source: Path, config: EvalConfig) -> Quality:
-    from quantize.eval import evaluate
+    from core.quality import evaluate
 
     return evaluate(folder, reference_dir=source, config=config)
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from quantize.config import CalibrationConfig, EvalConfig
+from core.quality import EvalConfig
+from quantize.config import CalibrationConfig
 
 if TYPE_CHECKING:
     import torch

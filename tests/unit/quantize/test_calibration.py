@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from core.errors import DataError
-from core.textdata import BUILTIN_CORPUS, builtin_texts
-from quantize.calibration import calibration_dataset, load_samples
+from core.textdata import BUILTIN_CORPUS, builtin_texts, load_samples
+from quantize.calibration import calibration_dataset
 
 
 def test_builtin_default_is_the_training_split() -> None:

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from core.artifact import verify_artifact
 from core.errors import ConfigError
+from core.quality import EvalConfig
 from quantize.cli import app
-from quantize.config import CalibrationConfig, EvalConfig
+from quantize.config import CalibrationConfig
 from quantize.methods import METHODS
 from tests.unit.quantize.conftest import EVAL
 

@@ -1,4 +1,5 @@
-"""Held-out evaluation of a model folder, optionally against a reference model.
+"""Held-out evaluation of a model folder, optionally against a reference model: the measured quality every
+artifact records (`quantize`'s and `train qat`'s alike).
 
 Invariant: figures are token-weighted means over the same held-out tokens for both models (perplexity =
 exp(mean next-token NLL); mean KL(reference || model) and top-1 agreement over every predicted position), so
@@ -12,16 +13,31 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from core.artifact import Quality
+from core.config import StrictModel
 from core.models import load_causal_lm, load_tokenizer
-from core.textdata import data_info
-from quantize.calibration import load_samples, tokenize
-from quantize.config import EvalConfig
+from core.textdata import data_info, load_samples, tokenize
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (4, 8)  # weight bit widths the toolchain writes and QAT trains for
+
+
+class EvalConfig(StrictModel):
+    """Held-out evaluation: perplexity, and against a reference model mean KL and top-1 agreement."""
+
+    eval_data: str | None = Field(
+        default=None,
+        description="Held-out text (.txt/.jsonl). Default: the built-in corpus' held-out split, which never "
+        "overlaps the built-in calibration split.",
+    )
+    eval_samples: int = Field(default=64, ge=1, description="Evaluation samples used (at most).")
+    eval_seq_len: int = Field(default=256, ge=8, description="Tokens per evaluation sample (truncated).")
 
 
 def load_for_eval(path: Path) -> PreTrainedModel:
