@@ -33,6 +33,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="slow: pass --run-slow to run"))
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        for mark in item.iter_markers("cpu_feature"):
+            _skip_without_cpu_feature(item, *mark.args)
+
+
+def _skip_without_cpu_feature(item: pytest.Item, feature: str, why: str) -> None:
+    """`@pytest.mark.cpu_feature("avx512_fp16", "why")`: skip, saying so, on a CPU without the feature."""
+    from serve.engine import cpu_features
+
+    cpu = cpu_features.probe()
+    if not getattr(cpu, feature):
+        item.add_marker(pytest.mark.skip(reason=f"needs CPU feature {feature} ({why}); this CPU: {cpu.kind}"))
 
 
 @pytest.fixture(scope="session")
