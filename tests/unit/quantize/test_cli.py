@@ -18,6 +18,7 @@ from core.quality import EvalConfig
 from quantize.cli import app
 from quantize.config import CalibrationConfig
 from quantize.methods import METHODS
+from tests.support.distill_flags import COMPARE_HARD_LABELS_CASES
 from tests.unit.quantize.conftest import EVAL
 
 SUBCOMMANDS = ["awq", "gptq", "rtn", "nf4", "merge-lora", "distill", "eval"]
@@ -200,13 +201,13 @@ def test_eval_command_against_reference(tiny_model_dir: Path, tiny_model_dir_b: 
 
 
 def test_eval_of_a_gptqmodel_checkpoint_prints_only_json(
-    gptq_classic_artifact: Path, tiny_model_dir: Path
+    gptq_classic_artifact: Path, outlier_model_dir: Path
 ) -> None:
     """gptqmodel logs on stdout while it loads a classic checkpoint; the CLI sends that to stderr. Same
     evaluation settings as the fixture's, so the figures match those in the manifest."""
     eval_args = ["--eval-samples", str(EVAL.eval_samples), "--eval-seq-len", str(EVAL.eval_seq_len)]
     code, stdout, err = _run(
-        "eval", "--model", gptq_classic_artifact, "--reference", tiny_model_dir, *eval_args
+        "eval", "--model", gptq_classic_artifact, "--reference", outlier_model_dir, *eval_args
     )
     assert code == 0, err
     printed = json.loads(stdout)
@@ -230,17 +231,7 @@ def distill_runs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return seen
 
 
-@pytest.mark.parametrize(
-    ("recipe", "flags", "expected"),
-    [
-        (None, [], False),  # neither says: DistillConfig's documented default
-        (None, ["--compare-hard-labels"], True),
-        ({"compare_hard_labels": False}, ["--compare-hard-labels"], True),
-        ({"compare_hard_labels": True}, ["--no-compare-hard-labels"], False),
-        ({"compare_hard_labels": True}, [], True),
-        ({"compare_hard_labels": False}, [], False),
-    ],
-)
+@pytest.mark.parametrize(("recipe", "flags", "expected"), COMPARE_HARD_LABELS_CASES)
 def test_distill_compare_hard_labels_flag_over_recipe(
     distill_runs: list[Any], tmp_path: Path, recipe: dict[str, bool] | None, flags: list[str], expected: bool
 ) -> None:

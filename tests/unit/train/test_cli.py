@@ -15,6 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.support.distill_flags import COMPARE_HARD_LABELS_CASES
 from train.config import LoraRecipe
 from train.distill import DistillConfig, DistillResult, distill_config
 from train.lora import train_lora
@@ -146,17 +147,7 @@ def _recipe(folder: Path, settings: dict[str, object] | None) -> list[str]:
     return ["--config", str(folder / "recipe.yaml")]
 
 
-@pytest.mark.parametrize(
-    ("recipe", "flags", "expected"),
-    [
-        (None, [], False),  # neither says: DistillConfig's documented default
-        (None, ["--compare-hard-labels"], True),
-        ({"compare_hard_labels": False}, ["--compare-hard-labels"], True),
-        ({"compare_hard_labels": True}, ["--no-compare-hard-labels"], False),
-        ({"compare_hard_labels": True}, [], True),
-        ({"compare_hard_labels": False}, [], False),
-    ],
-)
+@pytest.mark.parametrize(("recipe", "flags", "expected"), COMPARE_HARD_LABELS_CASES)
 def test_distill_compare_hard_labels_flag_over_recipe(
     distill_runs: list[DistillConfig],
     tmp_path: Path,
