@@ -56,7 +56,24 @@ GENERATION_TOKENS = Counter(
 )
 NUM_REQUESTS_RUNNING = Gauge("llmstack:num_requests_running", "Requests admitted into the engine")
 NUM_REQUESTS_WAITING = Gauge("llmstack:num_requests_waiting", "Requests queued for admission")
-KV_CACHE_USAGE = Gauge("llmstack:kv_cache_usage_perc", "KV cache usage (1 = full) at the last engine step")
+KV_CACHE_USAGE = Gauge(
+    "llmstack:kv_cache_usage_perc",
+    "KV cache usage (1 = full) at the last engine step; data parallel: the fullest rank",
+)
+# Per data-parallel engine rank (`engine` = vLLM's engine index, as in vLLM's own `vllm:*{engine=...}`),
+# recorded by the engine's stat logger at every step of each rank.
+ENGINE_KV_CACHE_USAGE = Gauge(
+    "llmstack:engine_kv_cache_usage_perc", "KV cache usage (1 = full) of one engine rank", ["engine"]
+)
+ENGINE_REQUESTS_RUNNING = Gauge(
+    "llmstack:engine_num_requests_running", "Requests the engine rank is running", ["engine"]
+)
+ENGINE_REQUESTS_WAITING = Gauge(
+    "llmstack:engine_num_requests_waiting", "Requests waiting in the engine rank's scheduler", ["engine"]
+)
+ENGINE_REQUESTS_FINISHED = Counter(
+    "llmstack:engine_requests_finished", "Requests the engine rank finished (any reason)", ["engine"]
+)
 LORA_ADAPTERS_LOADED = Gauge("llmstack:lora_adapters_loaded", "LoRA adapters known to the server")
 IGNORED_REQUEST_FIELDS = Counter(
     "llmstack:ignored_request_fields",

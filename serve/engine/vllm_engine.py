@@ -34,22 +34,41 @@ def is_cpu_build() -> bool:
 
 
 class _SchedulerStats:
-    """Keeps the last KV cache usage vLLM reported (a stat logger: vLLM calls `record` each step)."""
+    """A stat logger (vLLM calls `record` at each step of each engine rank): keeps every rank's last KV cache
+    usage and exports it, its running/waiting requests and its finished requests per rank."""
 
-    kv_cache_usage: float | None = None
+    def __init__(self) -> None:
+        self.kv_cache_usage_by_rank: dict[int, float] = {}
+
+    @property
+    def kv_cache_usage(self) -> float | None:
+        """The fullest rank's KV cache usage (the one that refuses new requests first)."""
+        return max(self.kv_cache_usage_by_rank.values(), default=None)
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
 
+        from serve import metrics
+
         holder = self
+        rank = str(engine_index)
 
         class _Logger(StatLoggerBase):
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                pass
+                self._kv = metrics.ENGINE_KV_CACHE_USAGE.labels(rank)
+                self._running = metrics.ENGINE_REQUESTS_RUNNING.labels(rank)
+                self._waiting = metrics.ENGINE_REQUESTS_WAITING.labels(rank)
+                self._finished = metrics.ENGINE_REQUESTS_FINISHED.labels(rank)
 
             def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
                 if scheduler_stats is not None:
-                    holder.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+                    usage = float(scheduler_stats.kv_cache_usage)
+                    holder.kv_cache_usage_by_rank[engine_index] = usage
+                    self._kv.set(usage)
+                    self._running.set(scheduler_stats.num_running_reqs)
+                    self._waiting.set(scheduler_stats.num_waiting_reqs)
+                if iteration_stats is not None and iteration_stats.finished_requests:
+                    self._finished.inc(len(iteration_stats.finished_requests))
 
             def log_engine_initialized(self) -> None:
                 pass
