@@ -235,12 +235,10 @@ def openai_sse(
     *,
     include_usage: bool,
     continuous_usage: bool,
-    first: tuple[int, EngineOutput] | None,
-    outputs: AsyncGenerator[tuple[int, EngineOutput], None],
+    outputs: PrimedOutputs,
 ) -> AsyncIterator[bytes]:
-    """OpenAI's SSE stream of `gen`: `envelope` (id, object, created, model) around each chunk's choices,
-    a usage chunk at the end with `include_usage`, `[DONE]` last. `first` is the output already awaited
-    by `start_stream`."""
+    """OpenAI's SSE stream of `gen` (`outputs` from `start_stream`): `envelope` (id, object, created,
+    model) around each chunk's choices, a usage chunk at the end with `include_usage`, `[DONE]` last."""
 
     def frame(payload_choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         payload = {**envelope, "choices": payload_choices}
@@ -255,15 +253,7 @@ def openai_sse(
             for choice in choices:
                 for started in choice.start():
                     yield frame([started])
-            pending = [first] if first is not None else []
-            while True:
-                if pending:
-                    i, out = pending.pop()
-                else:
-                    try:
-                        i, out = await outputs.__anext__()
-                    except StopAsyncIteration:
-                        break
+            async for i, out in outputs:
                 for delta in out.choices:
                     for payload in choices[i * gen.n + delta.index].update(delta, out, True):
                         yield frame([payload])
@@ -280,21 +270,46 @@ def openai_sse(
     return stream()
 
 
-async def start_stream(
-    gen: Generation,
-) -> tuple[AsyncGenerator[tuple[int, EngineOutput], None], tuple[int, EngineOutput] | None]:
+class PrimedOutputs:
+    """A generation's outputs whose first item was already awaited: iterates that item, then the rest.
+
+    (A small class rather than a wrapping async generator: no extra generator frame per token.)"""
+
+    def __init__(
+        self, outputs: AsyncGenerator[tuple[int, EngineOutput], None], first: tuple[int, EngineOutput] | None
+    ):
+        self._outputs = outputs
+        self._first = first
+        self._done = first is None
+
+    def __aiter__(self) -> PrimedOutputs:
+        return self
+
+    async def __anext__(self) -> tuple[int, EngineOutput]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        if self._done:
+            raise StopAsyncIteration
+        return await self._outputs.__anext__()
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()
+
+
+async def start_stream(gen: Generation) -> PrimedOutputs:
     """Start `gen`'s engine requests and wait for the first output, so that a request the engine refuses
     is still an HTTP error (before the 200) rather than an error frame."""
     outputs = gen.outputs()
     try:
         first = await outputs.__anext__()
     except StopAsyncIteration:
-        return outputs, None
+        return PrimedOutputs(outputs, None)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await outputs.aclose()
         raise
-    return outputs, first
+    return PrimedOutputs(outputs, first)
 
 
 def streaming_response(body: AsyncIterator[bytes]) -> StreamingResponse:
@@ -354,7 +369,7 @@ async def respond(
     slot = await admitted(gen.state, request, gen)
     if gen.stream:
         try:
-            outputs, first = await start_stream(gen)
+            outputs = await start_stream(gen)
         except BaseException:
             slot.release()
             raise
@@ -366,7 +381,6 @@ async def respond(
                 envelope,
                 include_usage=include_usage,
                 continuous_usage=continuous_usage,
-                first=first,
                 outputs=outputs,
             )
         )

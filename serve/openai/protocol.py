@@ -121,8 +121,8 @@ def compact_json(schema: dict[str, Any]) -> StructuredOutputsParams:
     return StructuredOutputsParams(grammar=str(grammar).replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS))
 
 
-_BOUNDED_STRING_CHARS = r'[^\"\\\r\n]'
-_JSON_STRING_CHARS = r'[^\0-\x1f\"\\\r\n]'
+_BOUNDED_STRING_CHARS = r"[^\"\\\r\n]"
+_JSON_STRING_CHARS = r"[^\0-\x1f\"\\\r\n]"
 
 
 class SamplingFields(OpenAIRequest):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -208,29 +207,20 @@ async def generate(
         return await cancel_on_disconnect(request, respond())
 
     try:
-        outputs, first = await start_stream(gen)
+        outputs = await start_stream(gen)
     except BaseException:
         slot.release()
         raise
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            pending = [first] if first is not None else []
             last: dict[str, Any] | None = None
-            async with aclosing(outputs):
-                while True:
-                    if pending:
-                        _, out = pending.pop()
-                    else:
-                        try:
-                            _, out = await outputs.__anext__()
-                        except StopAsyncIteration:
-                            break
-                    for delta in out.choices:
-                        for event in answer.update(delta, out, True):
-                            if last is not None:
-                                yield sse(last)
-                            last = event
+            async for _, out in outputs:
+                for delta in out.choices:
+                    for event in answer.update(delta, out, True):
+                        if last is not None:
+                            yield sse(last)
+                        last = event
             if last is not None:
                 last["generated_text"] = answer.generated_text()
                 last["details"] = {

@@ -211,15 +211,10 @@ class RequiredCallScanner:
                 self._track_inside_arguments(char)
                 continue
             if self._in_string:
-                if self._escape:
-                    self._escape = False
-                elif char == "\\":
-                    self._escape = True
-                elif char == '"':
-                    self._in_string = False
-                    self._end_string("".join(self._string), touched)
-                else:
+                if self._string_char(char):
                     self._string.append(char)
+                elif not self._in_string:
+                    self._end_string("".join(self._string), touched)
             elif char == '"':
                 self._in_string, self._string = True, []
             elif char == "{" and self._value_of == "arguments" and self.calls:
@@ -241,14 +236,21 @@ class RequiredCallScanner:
                 self._value_of = None
         return touched
 
+    def _string_char(self, char: str) -> bool:
+        """Inside a string: True if `char` is part of its value (escapes kept raw: only names, which are
+        plain, are read from it); a closing quote ends the string."""
+        if self._escape:
+            self._escape = False
+        elif char == "\\":
+            self._escape = True
+        elif char == '"':
+            self._in_string = False
+            return False
+        return True
+
     def _track_inside_arguments(self, char: str) -> None:
         if self._in_string:
-            if self._escape:
-                self._escape = False
-            elif char == "\\":
-                self._escape = True
-            elif char == '"':
-                self._in_string = False
+            self._string_char(char)
         elif char == '"':
             self._in_string = True
         elif char in "{[":
