@@ -160,10 +160,14 @@ async def _run_one(
                     new_tokens = 0 if prompt.scoring_only else sum(len(c.token_ids) for c in out.choices)
                     if out.timing is not None and first_token_at is None:
                         # One final output (not streamed): the engine's own token timing.
+                        # The engine's clocks are not ours: bounded so that TTFT + decode <= e2e here too.
                         first_token_at = now
-                        ttft.observe(engine_start - gen.arrival + out.timing.first_token_latency)
+                        elapsed = now - gen.arrival
+                        to_first = min(engine_start - gen.arrival + out.timing.first_token_latency, elapsed)
+                        ttft.observe(to_first)
                         if new_tokens > 1:
-                            gap = out.timing.decode_seconds / (new_tokens - 1)
+                            decode = min(out.timing.decode_seconds, elapsed - to_first)
+                            gap = decode / (new_tokens - 1)
                             for _ in range(new_tokens - 1):
                                 itl.observe(gap)
                     elif new_tokens:
