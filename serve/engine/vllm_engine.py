@@ -207,6 +207,8 @@ def engine_args(settings: ServeSettings, model_dir: Path) -> AsyncEngineArgs:
     """vLLM's engine arguments for `settings`: every engine flag of `serve` maps to exactly one of them."""
     from vllm import AsyncEngineArgs
 
+    from serve.vllm_plugin import nf4
+
     cpu = is_cpu_build()
     return AsyncEngineArgs(
         model=str(model_dir),
@@ -232,4 +234,5 @@ def engine_args(settings: ServeSettings, model_dir: Path) -> AsyncEngineArgs:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else cpu,
         disable_log_stats=False,
+        **(nf4.engine_overrides(model_dir) if cpu else {}),  # bitsandbytes 4-bit: dequantized at load
     )
