@@ -5,9 +5,9 @@ Invariants:
 - Monitoring only observes: nothing here changes what is trained, and the loop's deterministic step log
   (`history`) holds no timing or memory figure; throughput, MFU and memory go to the sinks only.
 - Only the main process writes, and only into a work folder the caller keeps (no folder: no sink).
-- After a resume or a rollback every sink drops what it had logged past the restored step, and a fresh
-  run drops all earlier records in its folder (TensorBoard's `purge_step`), so a curve shows each step
-  once, as trained.
+- A curve shows each step once, as trained: after a resume or a rollback every sink drops what it had
+  logged past the restored step (TensorBoard: a session-start record, its `purge_step`), and a fresh run
+  replaces the event files an earlier run left in its folder.
 - An alert (loss spike, skipped non-finite step, rollback) is one warning log line, an entry of the run's
   `alerts`, and a text/alert record in every sink.
 """
@@ -15,6 +15,8 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -65,14 +67,16 @@ class TensorBoardSink:
     """Event files under `folder`, written by torch's `SummaryWriter`."""
 
     def __init__(self, folder: Path, *, resume_step: int | None) -> None:
-        self.folder = folder
-        # a fresh run hides whatever an earlier run (replaced with --overwrite) left in the folder
-        self.writer = self._open(0 if resume_step is None else resume_step + 1)
-
-    def _open(self, purge_step: int) -> Any:
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=str(self.folder), purge_step=purge_step)
+        if resume_step is None:  # a fresh run: the folder is this run's (an --overwrite replaces the last)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            _after_existing_event_files(folder)
+        # every file opens with a session-start record (readers take the first one of a folder as the run's
+        # start and each later one as a restart that drops the records after its step)
+        purge = 0 if resume_step is None else resume_step + 1
+        self.writer: Any = SummaryWriter(log_dir=str(folder), purge_step=purge)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         for tag, value in values.items():
@@ -82,12 +86,26 @@ class TensorBoardSink:
         self.writer.add_text("alerts", f"**{title}** {text}", step)
 
     def restart(self, step: int) -> None:
-        # a new event file whose first record tells readers to drop every older event after `step`
-        self.writer.close()
-        self.writer = self._open(step + 1)
+        """A session-start record at step + 1: readers drop the records before it with a later step."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.writer.file_writer.add_event(
+            Event(step=step + 1, session_log=SessionLog(status=SessionLog.START))
+        )
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _after_existing_event_files(folder: Path) -> None:
+    """Wait (under a second) until a new event file's name sorts after the folder's existing ones.
+
+    Readers take a folder's event files in name order and names start with the creation second
+    (`events.out.tfevents.<second>.<host>.<pid>.<counter>`); the counter is not zero-padded, so two files
+    of the same second and process could sort the wrong way round (`...9` after `...10`)."""
+    seconds = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)
 
 
 class WandbSink:

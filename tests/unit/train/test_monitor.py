@@ -127,19 +127,21 @@ def test_nan_rollback_alerts_reach_log_summary_and_tensorboard(
 
 
 def test_resumed_run_shows_each_step_once(make_task, tmp_path: Path) -> None:
-    config = loop_config(max_steps=8, checkpoint_every=2)
+    """Killed in step 8 after its step-6 checkpoint: step 7 was logged, then logged again by the resumed
+    run; TensorBoard shows it once."""
+    config = loop_config(max_steps=8, checkpoint_every=3)
     calls = {"n": 0}
 
     def crashing(model, batch):
         calls["n"] += 1
-        if calls["n"] == 11:  # 4 calls of initial eval, then steps 1-6; crash in step 7
+        if calls["n"] == 12:  # 4 calls of initial eval, then steps 1-7; crash in step 8
             raise KeyboardInterrupt
         return causal_lm_loss_sum(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
         train(make_task(crashing), config, tmp_path)
     before, _ = tensorboard_events(tmp_path / TENSORBOARD_DIR)
-    assert [s for s, _ in before["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in before["train/loss"]] == [1, 2, 3, 4, 5, 6, 7]
     resumed = train(make_task(), config, tmp_path, resume=True)  # from the step-6 checkpoint
     scalars, _ = tensorboard_events(tmp_path / TENSORBOARD_DIR)
     assert [s for s, _ in scalars["train/loss"]] == list(range(1, 9))
@@ -149,6 +151,7 @@ def test_resumed_run_shows_each_step_once(make_task, tmp_path: Path) -> None:
 def test_fresh_run_hides_an_earlier_runs_events(make_task, tmp_path: Path) -> None:
     train(make_task(), loop_config(max_steps=6), tmp_path)
     (tmp_path / "checkpoints").rename(tmp_path / "old-checkpoints")  # what --overwrite removes
+    # the same second and process: event file names would sort by a counter that is not zero-padded
     again = train(make_task(), loop_config(max_steps=3), tmp_path)
     scalars, _ = tensorboard_events(tmp_path / TENSORBOARD_DIR)
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]

@@ -24,6 +24,7 @@ from train.qat import (
     QatResult,
     QatSettings,
     export_compressed,
+    fake_quantize_reference,
     fake_quantizers,
     prepare_fake_quant,
     train_qat,
@@ -99,6 +100,38 @@ def test_rounding_passes_gradients_straight_through() -> None:
     torch.testing.assert_close(weight.grad, upstream * inside)  # identity inside the grid, zero when clipped
     ratio_grad = quantizer.log_scale_ratio.grad
     assert ratio_grad is not None and torch.isfinite(ratio_grad).all() and ratio_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_memory_lean_backward_equals_autograds(symmetric: bool) -> None:
+    """The hand-written backward (which keeps only w, s, z) gives autograd's gradients of the plain
+    expression, for the weights, the log-scale factors and the zero points, clipped elements included."""
+    import copy
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 4 * GROUP) * 0.05
+    fused = GroupFakeQuant(weight, QatSettings(group_size=GROUP, symmetric=symmetric).quantization_args())
+    with torch.no_grad():
+        fused.log_scale_ratio.add_(0.3 * torch.randn_like(fused.log_scale_ratio))  # clip some, widen others
+        if fused.zero_point is not None:
+            fused.zero_point.add_(2.0 * torch.randn_like(fused.zero_point))
+    plain = copy.deepcopy(fused)
+    upstream = torch.randn(8, 4 * GROUP)
+    w_fused, w_plain = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    out_fused = fused(w_fused)
+    (out_fused * upstream).sum().backward()
+    out_plain = fake_quantize_reference(
+        w_plain, plain.scale(), plain.integer_zero_point(), plain.q_min, plain.q_max
+    )
+    (out_plain * upstream).sum().backward()
+    torch.testing.assert_close(out_fused, out_plain, rtol=0, atol=0)
+    # autograd's weight gradient goes through (g * s) / s, the hand-written one is exactly g: fp32 rounding
+    torch.testing.assert_close(w_fused.grad, w_plain.grad)
+    torch.testing.assert_close(fused.log_scale_ratio.grad, plain.log_scale_ratio.grad)
+    if fused.zero_point is not None:
+        assert plain.zero_point is not None and plain.zero_point.grad is not None
+        assert plain.zero_point.grad.abs().sum() > 0  # some elements were clipped
+        torch.testing.assert_close(fused.zero_point.grad, plain.zero_point.grad)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -243,3 +276,24 @@ def test_cli_refuses_a_group_size_that_does_not_divide_the_layers(
     message = refused.stderr.strip().splitlines()[-1]
     for fragment in ("qat.bits", "qat.kl_weight", "loop.report_to"):
         assert fragment in message
+
+
+def test_resumed_qat_repeats_the_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A QAT run resumed from its step-2 checkpoint (the step-4 one removed, as if killed after step 3)
+    restores weights, scale factors, zero points and optimizer state: same per-step log, same artifact."""
+    import shutil
+
+    settings = {**RECIPE, "qat": {**RECIPE["qat"], "compare_rtn": False}}
+    settings["loop"] = {**RECIPE["loop"], "max_steps": 4, "checkpoint_every": 2, "eval_every": 2}
+    settings["evaluation"] = {"eval_samples": 2, "eval_seq_len": 16}
+    recipe = QatRecipe.model_validate(settings)
+    out = tmp_path / "qat"
+    train_qat(tiny_model_dir, BUILTIN_CORPUS, out, recipe)
+    reference = json.loads((out / "train_log.json").read_text())
+    reference_tensors = _tensors(out)
+    shutil.rmtree(out)
+    shutil.rmtree(tmp_path / "qat.work" / "checkpoints" / "step-00000004")
+    train_qat(tiny_model_dir, BUILTIN_CORPUS, out, recipe, resume=True)
+    resumed = json.loads((out / "train_log.json").read_text())
+    assert resumed["history"] == reference["history"] and resumed["evals"] == reference["evals"]
+    assert all(torch.equal(t, reference_tensors[name]) for name, t in _tensors(out).items())
