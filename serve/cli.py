@@ -187,15 +187,19 @@ async def _serve(settings: ServeSettings, model_dir: Path) -> None:
         engine.shutdown()
 
 
-def main(argv: list[str] | None = None) -> None:
+def start_up(prog: str, argv: list[str] | None) -> tuple[ServeSettings, Path]:
+    """What every engine-starting entry point (`serve`, `serve.headless`) does first: settings from flags
+    and environment, logging, vLLM's environment defaults, the model folder (verified if it is an
+    artifact; the embedded default otherwise) and the dtype this CPU runs. A user error exits 2 with one
+    line prefixed by `prog`."""
     try:
         settings = parse_settings(argv)
     except ValidationError as err:
-        sys.stderr.write(f"serve: error: {describe_validation_error(err, top_level='settings')}\n")
+        sys.stderr.write(f"{prog}: error: {describe_validation_error(err, top_level='settings')}\n")
         sys.exit(2)
     except SettingsError as err:  # an environment value pydantic-settings cannot decode (lists are JSON)
         hint = """list settings are JSON lists in the environment, e.g. LLMSTACK_API_KEY='["key-1"]'"""
-        sys.stderr.write(f"serve: error: {err}; {hint}\n")
+        sys.stderr.write(f"{prog}: error: {err}; {hint}\n")
         sys.exit(2)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -211,7 +215,15 @@ def main(argv: list[str] | None = None) -> None:
         else:
             model_dir = ensure_default_model()
             settings = default_model_settings(settings)
-        settings = cpu_settings(settings, model_dir)
+        return cpu_settings(settings, model_dir), model_dir
+    except StackError as err:
+        sys.stderr.write(f"{prog}: error: {err}\n")
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, model_dir = start_up("serve", argv)
+    try:
         # uvloop where installed, as `uvicorn.run` and vLLM's own server do (asyncio.run would not): the
         # event loop and socket writes of every streamed chunk run in C.
         with asyncio.Runner(loop_factory=auto_loop_factory(use_subprocess=False)) as runner:

@@ -17,12 +17,9 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from pydantic import ValidationError
-
-from core.config import describe_validation_error
 from core.errors import ConfigError, StackError
-from serve.cli import apply_env_defaults, check_artifact, default_model_settings
-from serve.settings import ServeSettings, parse_settings
+from serve.cli import start_up
+from serve.settings import ServeSettings
 
 log = logging.getLogger("serve.headless")
 
@@ -85,25 +82,8 @@ def run_headless(settings: ServeSettings, model_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    settings, model_dir = start_up("serve.headless", argv)  # the API node's start-up, dtype included
     try:
-        settings = parse_settings(argv)
-    except ValidationError as err:
-        sys.stderr.write(f"serve.headless: error: {describe_validation_error(err, top_level='settings')}\n")
-        sys.exit(2)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    apply_env_defaults(settings)
-    try:
-        from core.default_model import ensure_default_model
-        from core.models import resolve_model_dir
-
-        if settings.model:
-            model_dir = resolve_model_dir(settings.model)
-            check_artifact(model_dir)
-        else:
-            model_dir = ensure_default_model()
-            settings = default_model_settings(settings)
         run_headless(settings, model_dir)
     except StackError as err:
         sys.stderr.write(f"serve.headless: error: {err}\n")
