@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from core.artifact import Quality
 from core.config import StrictModel
@@ -26,6 +26,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUPPORTED_BITS = (4, 8)  # weight bit widths the toolchain writes and QAT trains for
+
+
+def _supported_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"{bits}-bit weights are not supported (choose {' or '.join(map(str, SUPPORTED_BITS))})"
+        )
+    return bits
+
+
+WeightBits = Annotated[int, AfterValidator(_supported_bits)]
+"""A weight bit width the toolchain supports (the type of every config's `bits`)."""
 
 
 class EvalConfig(StrictModel):

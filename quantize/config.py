@@ -13,7 +13,7 @@ from typing import Final, Literal, TypeVar
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from core.config import StrictModel, validate_config
-from core.quality import SUPPORTED_BITS
+from core.quality import SUPPORTED_BITS, WeightBits
 
 COMPRESSED_TENSORS: Final = "compressed-tensors"
 BITSANDBYTES: Final = "bitsandbytes"
@@ -44,21 +44,12 @@ class MethodConfig(StrictModel):
 class WeightQuantConfig(MethodConfig):
     """Integer weight-only quantization (activations stay 16-bit: W4A16 / W8A16)."""
 
-    bits: int = Field(
+    bits: WeightBits = Field(
         default=4, description=f"Weight bits; supported: {', '.join(map(str, SUPPORTED_BITS))}."
     )
     group_size: int = Field(
         default=128, ge=1, description="Input channels sharing one scale (and zero point)."
     )
-
-    @field_validator("bits")
-    @classmethod
-    def _supported_bits(cls, bits: int) -> int:
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(
-                f"{bits}-bit weights are not supported (choose {' or '.join(map(str, SUPPORTED_BITS))})"
-            )
-        return bits
 
 
 class CalibratedConfig(WeightQuantConfig):

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -50,7 +50,7 @@ from core.artifact import (
 from core.config import StrictModel
 from core.errors import ConfigError
 from core.models import check_architecture, load_causal_lm, load_tokenizer, read_config, resolve_model_dir
-from core.quality import SUPPORTED_BITS, EvalConfig
+from core.quality import SUPPORTED_BITS, EvalConfig, WeightBits
 from core.textdata import data_info, load_texts
 from train.checkpoint import is_sharded
 from train.config import LoopConfig
@@ -72,7 +72,7 @@ PACK_QUANTIZED = "pack-quantized"
 class QatSettings(StrictModel):
     """What is fake-quantized and what is learned."""
 
-    bits: int = Field(
+    bits: WeightBits = Field(
         default=4, description=f"Weight bits; supported: {', '.join(map(str, SUPPORTED_BITS))} (as quantize)."
     )
     group_size: int = Field(
@@ -104,15 +104,6 @@ class QatSettings(StrictModel):
         description="Also export and evaluate the untrained starting point (round-to-nearest, same grid) "
         "and record its figures as rtn_* in the manifest's quality.extra.",
     )
-
-    @field_validator("bits")
-    @classmethod
-    def _supported_bits(cls, bits: int) -> int:
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(
-                f"{bits}-bit weights are not supported (choose {' or '.join(map(str, SUPPORTED_BITS))})"
-            )
-        return bits
 
     def quantization_args(self) -> QuantizationArgs:
         from compressed_tensors.quantization import QuantizationArgs
