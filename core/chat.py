@@ -96,6 +96,7 @@ def tool_fallback_messages(
             messages = messages[1:]
         else:
             out.append({"role": "system", "content": preamble})
+    previous_role = None
     for message in messages:
         role = message.get("role")
         if role == "assistant" and message.get("tool_calls"):
@@ -103,14 +104,13 @@ def tool_fallback_messages(
             out.append({"role": "assistant", "content": "\n".join(p for p in parts if p)})
         elif role == "tool":
             block = f"<tool_response>\n{message.get('content') or ''}\n</tool_response>"
-            if out and out[-1].get("_tool_results"):
+            if previous_role == "tool":  # a run of results is one user turn
                 out[-1]["content"] += "\n" + block
             else:
-                out.append({"role": "user", "content": block, "_tool_results": True})
+                out.append({"role": "user", "content": block})
         else:
             out.append({k: v for k, v in message.items() if k in ("role", "content", "name")})
-    for message in out:
-        message.pop("_tool_results", None)
+        previous_role = role
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from core.config import describe_problems
 from serve.errors import OpenAIError
@@ -18,13 +18,18 @@ from serve.errors import OpenAIError
 M = TypeVar("M", bound=BaseModel)
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    """`model` validated from the request's JSON body (400 with `param` on the first problem)."""
-    raw = await request.body()
+async def parse_body(request: Request, model: type[M] | TypeAdapter[M]) -> M:
+    """`model` (a model class, or a `TypeAdapter` of a tagged union of them) validated from the request's
+    JSON body (400 with `param` on the first problem; a union's tag is left out of the location)."""
+    raw = await request.body() or b"null"
     try:
-        return model.model_validate_json(raw or b"null")
+        if isinstance(model, TypeAdapter):
+            return model.validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as err:
         problems = err.errors()
+        if isinstance(model, TypeAdapter):
+            problems = [{**p, "loc": p["loc"][1:]} for p in problems]
         first = problems[0]["loc"] if problems else ()
         param = ".".join(str(p) for p in first) or None
         message = describe_problems(problems, top_level="body", limit=5) or "invalid request body"

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve.openai.protocol import MAX_LOGPROBS, StopString
 
+MAX_STOP_SEQUENCES = 16  # what /info announces, enforced here
+
 
 class Grammar(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -36,7 +38,7 @@ class Parameters(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     return_full_text: bool | None = None
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
-    stop: list[StopString] = Field(default_factory=list)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     temperature: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, gt=0)
     top_n_tokens: int | None = Field(None, ge=0, le=MAX_LOGPROBS)

@@ -9,8 +9,10 @@ from fastapi.responses import Response
 from serve.auth import authorize
 from serve.errors import OpenAIError, as_openai_error
 from serve.openai.body import parse_body
+from serve.openai.pipeline import json_response
+from serve.openai.version.router import versions
 from serve.state import ServerState
-from serve.tgi.protocol import GenerateRequest
+from serve.tgi.protocol import MAX_STOP_SEQUENCES, GenerateRequest
 from serve.tgi.serving import DEFAULT_MAX_NEW_TOKENS, generate, tgi_error
 
 router = APIRouter()
@@ -46,30 +48,30 @@ async def tgi_compat(request: Request) -> Response:
 
 
 @router.get("/info")
-async def tgi_info(request: Request) -> dict[str, object]:
+async def tgi_info(request: Request) -> Response:
     """TGI's server description, filled in from this server's engine and limits."""
     try:
         authorize(request)
     except OpenAIError as err:
-        return {"error": err.message}
+        return tgi_error(err)
     state: ServerState = request.app.state.server
-    from serve.openai.version.router import versions
-
     max_len = state.engine.max_model_len
-    return {
-        "model_id": state.router.base_name,
-        "model_sha": None,
-        "model_pipeline_tag": "text-generation",
-        "max_concurrent_requests": state.settings.max_concurrent_requests,
-        "max_best_of": 1,
-        "max_stop_sequences": 16,
-        "max_input_tokens": max_len - 1,
-        "max_total_tokens": max_len,
-        "max_new_tokens_default": DEFAULT_MAX_NEW_TOKENS,
-        "validation_workers": 1,
-        "max_client_batch_size": 1,
-        "router": "llmstack-serve",
-        "version": versions()["llmstack"],
-        "sha": None,
-        "docker_label": None,
-    }
+    return json_response(
+        {
+            "model_id": state.router.base_name,
+            "model_sha": None,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": state.settings.max_concurrent_requests,
+            "max_best_of": 1,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_input_tokens": max_len - 1,
+            "max_total_tokens": max_len,
+            "max_new_tokens_default": DEFAULT_MAX_NEW_TOKENS,
+            "validation_workers": 1,
+            "max_client_batch_size": 1,
+            "router": "llmstack-serve",
+            "version": versions()["llmstack"],
+            "sha": None,
+            "docker_label": None,
+        }
+    )

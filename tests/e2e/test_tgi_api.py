@@ -160,7 +160,14 @@ def test_adapter_id_routes_to_the_lora_registry(hub: InferenceClient, server: Ru
 def test_refusals_are_tgi_shaped(hub: InferenceClient, server: RunningServer) -> None:
     with pytest.raises(HubValidationError, match="watermark"):
         hub.text_generation(PROMPT, max_new_tokens=4, watermark=True)
-    for parameters in ({"typical_p": 0.5}, {"best_of": 2}, {"max_new_tokens": 0}, {"bogus": 1}):
+    too_many_stops = {"stop": [f"s{i}" for i in range(17)]}  # /info says max_stop_sequences 16
+    for parameters in (
+        {"typical_p": 0.5},
+        {"best_of": 2},
+        {"max_new_tokens": 0},
+        {"bogus": 1},
+        too_many_stops,
+    ):
         reply = httpx.post(f"{server.url}/generate", json={"inputs": PROMPT, "parameters": parameters})
         assert reply.status_code == 422, (parameters, reply.text)
         assert set(reply.json()) == {"error", "error_type"}
@@ -170,7 +177,7 @@ def test_refusals_are_tgi_shaped(hub: InferenceClient, server: RunningServer) ->
 
 def test_info_and_metrics(server: RunningServer) -> None:
     info = httpx.get(f"{server.url}/info").json()
-    assert info["model_id"] == MODEL and info["max_total_tokens"] == 1024
+    assert info["model_id"] == MODEL and info["max_total_tokens"] == 1024 and info["max_stop_sequences"] == 16
     before = metric(server.url, "llmstack:generation_tokens_total", model=MODEL)
     requests = metric(server.url, "llmstack:http_requests_total", endpoint="/generate", status="200")
     body = httpx.post(

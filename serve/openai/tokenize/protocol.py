@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter
 
 from serve.openai.chat.protocol import ChatMessage, ToolDefinition
 
@@ -25,6 +25,19 @@ class TokenizeChatRequest(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ToolDefinition] | None = None
     return_token_strs: bool = False
+
+
+def _kind(body: Any) -> str:
+    """vLLM tells its two tokenize bodies apart by `messages`."""
+    return "chat" if isinstance(body, dict) and "messages" in body else "prompt"
+
+
+TokenizeRequest = TypeAdapter(
+    Annotated[
+        Annotated[TokenizeChatRequest, Tag("chat")] | Annotated[TokenizeCompletionRequest, Tag("prompt")],
+        Discriminator(_kind),
+    ]
+)
 
 
 class TokenizeResponse(BaseModel):

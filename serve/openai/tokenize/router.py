@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request
 
 from serve.auth import authorize
@@ -11,8 +9,7 @@ from serve.openai.body import parse_body
 from serve.openai.tokenize.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
+    TokenizeRequest,
     TokenizeResponse,
 )
 from serve.openai.tokenize.serving import detokenize, tokenize
@@ -24,12 +21,7 @@ router = APIRouter()
 async def post_tokenize(request: Request) -> TokenizeResponse:
     """A prompt (`prompt`) or a conversation (`messages`) as token ids."""
     authorize(request)
-    try:
-        is_chat = "messages" in json.loads(await request.body() or b"{}")
-    except (json.JSONDecodeError, TypeError):
-        is_chat = False
-    model = TokenizeChatRequest if is_chat else TokenizeCompletionRequest
-    return tokenize(request.app.state.server, await parse_body(request, model))
+    return tokenize(request.app.state.server, await parse_body(request, TokenizeRequest))
 
 
 @router.post("/detokenize")
