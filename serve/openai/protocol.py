@@ -156,11 +156,8 @@ class SamplingFields(OpenAIRequest):
     def _shared_consistency(self) -> SamplingFields:
         if self.priority != 0:
             raise ValueError("priority scheduling is not enabled on this server: priority must be 0")
-        if (
-            self.structured_outputs is not None
-            and self.response_format not in (None,)
-            and (self.response_format.type != "text")
-        ):
+        constrains_format = self.response_format is not None and self.response_format.type != "text"
+        if self.structured_outputs is not None and constrains_format:
             raise ValueError("give either response_format or structured_outputs, not both")
         return self
 

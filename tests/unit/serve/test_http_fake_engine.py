@@ -142,3 +142,15 @@ def test_metrics_expose_kv_cache_usage(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert "llmstack:kv_cache_usage_perc 0.25" in text
     assert "llmstack:num_requests_running 0.0" in text
+
+
+def test_response_format_and_structured_outputs_together_are_a_400(client: TestClient) -> None:
+    body = {
+        **CHAT,
+        "response_format": {"type": "json_object"},
+        "structured_outputs": {"choice": ["a", "b"]},
+    }
+    reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 400 and "not both" in reply.json()["error"]["message"]
+    text_format = {**body, "response_format": {"type": "text"}}  # no constraint of its own: allowed
+    assert client.post("/v1/chat/completions", json=text_format).status_code == 200
