@@ -8,7 +8,9 @@ Invariants:
 - an adapter is validated (adapters.validation) and accepted by the engine before it becomes routable;
 - loads and unloads of one name are serialised by that name's `asyncio.Lock`;
 - unloading first stops routing new requests to the adapter, then waits for its in-flight requests (those
-  holding a `lease`) to finish, and only then removes it from the engine;
+  holding a `lease`) to finish, at most `unload_timeout` seconds: then the tasks still holding one are
+  cancelled (their engine requests are aborted), and only then is the adapter removed from the engine. So an
+  unload always ends, and once it has, no request runs on the adapter (its folder may be changed);
 - every registered adapter stays routable whatever `--max-loras` is: vLLM keeps the most recently used
   ones resident and reloads the others from their path (each `LoRARequest` carries it).
 """
@@ -18,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.base import BaseModelProfile
 from adapters.discovery import AdapterSpec
@@ -37,6 +40,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# After cancelling the requests that outlived an unload's timeout: how long they get to unwind (abort their
+# engine request) before the adapter is removed regardless.
+CANCEL_GRACE_SECONDS = 5.0
+
 
 class LoRAEngine(Protocol):
     """The part of the engine the registry drives (`serve.engine.protocol.Engine` has it)."""
@@ -48,7 +55,8 @@ class LoRAEngine(Protocol):
 
 @dataclass
 class AdapterEntry:
-    """One registered adapter. `requests` counts requests served; `in_flight` those still running."""
+    """One registered adapter. `requests` counts requests served; `in_flight` those still running (held by
+    the tasks in `holders`); `cancelled` those an unload cancelled after its timeout."""
 
     name: str
     lora_id: int
@@ -57,7 +65,9 @@ class AdapterEntry:
     requests: int = 0
     in_flight: int = 0
     unloading: bool = False
+    cancelled: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    holders: Counter[asyncio.Task[Any] | None] = field(default_factory=Counter, repr=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -75,10 +85,13 @@ class AdapterEntry:
 class AdapterRegistry:
     """Routes `model` names to the base model or a registered adapter; loads and unloads adapters."""
 
-    def __init__(self, base: BaseModelProfile, engine: LoRAEngine, *, max_lora_rank: int) -> None:
+    def __init__(
+        self, base: BaseModelProfile, engine: LoRAEngine, *, max_lora_rank: int, unload_timeout: float = 30.0
+    ) -> None:
         self._base = base
         self._engine = engine
         self._max_lora_rank = max_lora_rank
+        self._unload_timeout = unload_timeout
         self._entries: dict[str, AdapterEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._ids = itertools.count(1)  # vLLM reserves 0
@@ -103,21 +116,27 @@ class AdapterRegistry:
 
     @contextmanager
     def lease(self, route: Route) -> Iterator[None]:
-        """Hold the route's adapter for the duration of a request (an unload waits for it); 404 if the
-        adapter was unloaded (or replaced) since `resolve`."""
+        """Hold the route's adapter for the duration of a request (an unload waits for it, at most its
+        timeout, then cancels the task holding it); 404 if the adapter was unloaded (or replaced) since
+        `resolve`."""
         if route.lora is None:
             yield
             return
         entry = self._entries.get(route.model)
         if entry is None or entry.unloading or entry.lora_id != route.lora.lora_int_id:
             raise ModelNotFound(route.model)
+        task = asyncio.current_task()
         entry.in_flight += 1
         entry.requests += 1
+        entry.holders[task] += 1
         entry.idle.clear()
         try:
             yield
         finally:
             entry.in_flight -= 1
+            entry.holders[task] -= 1
+            if entry.holders[task] == 0:
+                del entry.holders[task]
             if entry.in_flight == 0:
                 entry.idle.set()
 
@@ -157,15 +176,39 @@ class AdapterRegistry:
             return entry
 
     async def unload(self, name: str) -> AdapterEntry:
-        """Stop routing to `name`, let its in-flight requests finish, then remove it from the engine."""
+        """Stop routing to `name`, let its in-flight requests finish (cancelling those still running after
+        `unload_timeout` seconds), then remove it from the engine."""
         async with self.lock(name):
             entry = self.get(name)
             entry.unloading = True
-            await entry.idle.wait()
+            try:
+                await asyncio.wait_for(entry.idle.wait(), self._unload_timeout)
+            except TimeoutError:
+                await self._cancel_in_flight(entry)
             del self._entries[name]
             await self._engine.remove_lora(entry.lora_id)
             log.info("adapter %r unloaded after %d requests", name, entry.requests)
             return entry
+
+    async def _cancel_in_flight(self, entry: AdapterEntry) -> None:
+        entry.cancelled = entry.in_flight
+        log.warning(
+            "adapter %r: %d requests still in flight after the %.1f s unload timeout: cancelling them",
+            entry.name,
+            entry.in_flight,
+            self._unload_timeout,
+        )
+        for task in list(entry.holders):
+            if task is not None:
+                task.cancel()
+        try:
+            await asyncio.wait_for(entry.idle.wait(), CANCEL_GRACE_SECONDS)
+        except TimeoutError:
+            log.error(
+                "adapter %r: %d cancelled requests did not end; removing it anyway",
+                entry.name,
+                entry.in_flight,
+            )
 
     async def load_all(self, specs: Iterable[AdapterSpec]) -> None:
         """Load the start-up adapters; every problem is reported together as one `ConfigError`."""

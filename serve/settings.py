@@ -100,6 +100,11 @@ class ServeSettings(StackSettings):
     lora_registry: Path | None = Field(
         None, description="YAML file of adapters to serve: `adapters: [{name: ..., path: ...}]`"
     )
+    adapter_unload_timeout_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="adapter unload: how long its in-flight requests may run before they are cancelled",
+    )
     admin_api_key: list[SecretStr] = Field(
         default_factory=list,
         description="key allowed to load/unload adapters at run time (repeatable); needed once keys are set",

