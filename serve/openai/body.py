@@ -1,8 +1,9 @@
 """Request bodies: parsed straight from the raw bytes by pydantic-core (no `json.loads` pass first, no
 FastAPI dependency walk), with validation problems answered as OpenAI 400s.
 
-Invariant: a body that does not validate never reaches a handler's logic; the 400 names the first bad
-field in `param` and lists up to five problems in the message.
+Invariants: a body that does not validate never reaches a handler's logic; the 400 names the first bad
+field in `param` and lists up to five problems in the message. Routes read bodies through
+`authorized_body`, so a caller without the right key gets its 401/403 before its body is looked at.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi import Request
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from core.config import describe_problems
+from serve.auth import Role, authorize
 from serve.errors import OpenAIError
 
 M = TypeVar("M", bound=BaseModel)
@@ -34,3 +36,10 @@ async def parse_body(request: Request, model: type[M] | TypeAdapter[M]) -> M:
         param = ".".join(str(p) for p in first) or None
         message = describe_problems(problems, top_level="body", limit=5) or "invalid request body"
         raise OpenAIError(400, message, param=param) from None
+
+
+async def authorized_body(request: Request, model: type[M] | TypeAdapter[M], role: Role = Role.USER) -> M:
+    """The request's body as `model` (`parse_body`), once the caller's key has been checked for `role`
+    (`serve.auth.authorize`): the first line of every route that takes a body."""
+    authorize(request, role)
+    return await parse_body(request, model)

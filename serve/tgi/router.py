@@ -8,7 +8,7 @@ from fastapi.responses import Response
 
 from serve.auth import authorize
 from serve.errors import OpenAIError, as_openai_error
-from serve.openai.body import parse_body
+from serve.openai.body import authorized_body
 from serve.openai.pipeline import json_response
 from serve.openai.version.router import versions
 from serve.state import ServerState
@@ -20,8 +20,7 @@ router = APIRouter()
 
 async def _generate(request: Request, *, stream: bool | None, as_list: bool = False) -> Response:
     try:
-        authorize(request)
-        body = await parse_body(request, GenerateRequest)
+        body = await authorized_body(request, GenerateRequest)
         request.state.model = body.parameters.adapter_id or request.app.state.server.router.base_name
         wants_stream = body.stream if stream is None else stream
         return await generate(request.app.state.server, body, request, stream=wants_stream, as_list=as_list)

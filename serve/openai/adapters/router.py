@@ -16,7 +16,7 @@ from serve.openai.adapters.protocol import (
     VllmUnloadLoraRequest,
 )
 from serve.openai.adapters.serving import list_adapters, load_adapter, unload_adapter
-from serve.openai.body import parse_body
+from serve.openai.body import authorized_body
 
 router = APIRouter()
 
@@ -24,8 +24,7 @@ router = APIRouter()
 @router.post("/v1/adapters")
 async def post_adapter(request: Request) -> AdapterCard:
     """Load an adapter from a folder on the server and serve it under `name`."""
-    authorize(request, Role.ADMIN)
-    body = await parse_body(request, LoadAdapterRequest)
+    body = await authorized_body(request, LoadAdapterRequest, Role.ADMIN)
     return await load_adapter(request.app.state.server, body)
 
 
@@ -46,8 +45,7 @@ async def get_adapters(request: Request) -> AdapterList:
 @router.post("/v1/load_lora_adapter")
 async def vllm_load_lora_adapter(request: Request) -> PlainTextResponse:
     """vLLM's shape of `POST /v1/adapters`: `{"lora_name", "lora_path"}`, answered with a success line."""
-    authorize(request, Role.ADMIN)
-    body = await parse_body(request, VllmLoadLoraRequest)
+    body = await authorized_body(request, VllmLoadLoraRequest, Role.ADMIN)
     await load_adapter(request.app.state.server, LoadAdapterRequest(name=body.lora_name, path=body.lora_path))
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
@@ -55,7 +53,6 @@ async def vllm_load_lora_adapter(request: Request) -> PlainTextResponse:
 @router.post("/v1/unload_lora_adapter")
 async def vllm_unload_lora_adapter(request: Request) -> PlainTextResponse:
     """vLLM's shape of `DELETE /v1/adapters/{name}`: `{"lora_name"}`, answered with a success line."""
-    authorize(request, Role.ADMIN)
-    body = await parse_body(request, VllmUnloadLoraRequest)
+    body = await authorized_body(request, VllmUnloadLoraRequest, Role.ADMIN)
     await unload_adapter(request.app.state.server, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serve.auth import authorize
-from serve.openai.body import parse_body
+from serve.openai.body import authorized_body
 from serve.openai.chat.protocol import ChatCompletionRequest
 from serve.openai.chat.serving import create_chat_completion
 
@@ -15,7 +14,6 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    authorize(request)
-    body = await parse_body(request, ChatCompletionRequest)
+    body = await authorized_body(request, ChatCompletionRequest)
     request.state.model = body.model
     return await create_chat_completion(request.app.state.server, body, request)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serve.auth import authorize
-from serve.openai.body import parse_body
+from serve.openai.body import authorized_body
 from serve.openai.completions.protocol import CompletionRequest
 from serve.openai.completions.serving import create_completion
 
@@ -15,7 +14,6 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    authorize(request)
-    body = await parse_body(request, CompletionRequest)
+    body = await authorized_body(request, CompletionRequest)
     request.state.model = body.model
     return await create_completion(request.app.state.server, body, request)
