@@ -1,21 +1,34 @@
 """Held-out evaluation of a model folder, optionally against a reference model: the measured quality every
-artifact records (`quantize`'s and `train qat`'s alike).
+artifact records (`quantize`'s and `train qat`'s alike), and the one way such an artifact is written
+(`write_measured_artifact`).
 
-Invariant: figures are token-weighted means over the same held-out tokens for both models (perplexity =
+Invariants: figures are token-weighted means over the same held-out tokens for both models (perplexity =
 exp(mean next-token NLL); mean KL(reference || model) and top-1 agreement over every predicted position), so
-an artifact and its source are always compared on identical inputs.
+an artifact and its source are always compared on identical inputs; a measured artifact's quality is that
+of its files as written, measured before the folder is committed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, Field
 
-from core.artifact import Quality
+from core.artifact import (
+    ArtifactKind,
+    DataInfo,
+    Manifest,
+    ManifestDraft,
+    Quality,
+    SourceModel,
+    folder_digest,
+    tool_versions,
+    write_artifact,
+)
 from core.config import StrictModel
 from core.models import load_causal_lm, load_tokenizer
 from core.textdata import data_info, load_samples, tokenize
@@ -94,3 +107,36 @@ def evaluate(
         quality.top1_agreement = agree / tokens
     log.info("evaluation of %s: %s", model_dir, quality.model_dump(exclude={"eval_data", "extra"}))
     return quality
+
+
+def write_measured_artifact(
+    output: Path,
+    kind: ArtifactKind,
+    source: Path,
+    write: Callable[[Path], dict[str, Any]],
+    *,
+    data: DataInfo | None,
+    eval_config: EvalConfig | None,
+    tools: Sequence[str],
+    overwrite: bool,
+    extra: Mapping[str, float] | None = None,
+) -> Manifest:
+    """Run `write(tmp)` (writes the model files into a temporary folder and returns the method parameters),
+    evaluate those files against `source`, and commit the folder to `output` atomically with its manifest:
+    `source`'s digest, the versions of the distributions `tools`, and the quality, whose `extra` gains the
+    method-specific figures `extra` (read after `write` has run, so `write` may fill it)."""
+
+    def populate(tmp: Path) -> ManifestDraft:
+        parameters = write(tmp)
+        quality = evaluate(tmp, reference_dir=source, config=eval_config)
+        quality.extra.update(extra or {})
+        return ManifestDraft(
+            kind=kind,
+            source=SourceModel(path=str(source), digest=folder_digest(source)),
+            parameters=parameters,
+            data=data,
+            quality=quality,
+            tool_versions=tool_versions(*tools),
+        )
+
+    return write_artifact(output, populate, overwrite=overwrite)

@@ -2,8 +2,8 @@
 `distill` and `evaluate`; each of the first three produces a verified artifact folder.
 
 Invariant: every input is checked (source model, architecture, destination, data) before any model is
-loaded; the artifact is written atomically by `core.artifact.write_artifact`, and its manifest carries the
-held-out evaluation of the result against its source, measured on the files as written.
+loaded; the artifact is written atomically by `core.quality.write_measured_artifact`, and its manifest
+carries the held-out evaluation of the result against its source, measured on the files as written.
 """
 
 from __future__ import annotations
@@ -15,18 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core import quality as evaluation
-from core.artifact import (
-    ArtifactKind,
-    DataInfo,
-    Manifest,
-    ManifestDraft,
-    Quality,
-    SourceModel,
-    check_destination,
-    folder_digest,
-    tool_versions,
-    write_artifact,
-)
+from core.artifact import ArtifactKind, DataInfo, Manifest, Quality, check_destination
 from core.errors import ConfigError
 from core.models import check_architecture, load_tokenizer, read_config, resolve_model_dir
 from core.quality import EvalConfig
@@ -89,23 +78,11 @@ def _produce(
     overwrite: bool,
     extra: dict[str, float] | None = None,
 ) -> Manifest:
-    """Run `write(tmp)` (returns the method parameters and may fill `extra`, method-specific figures),
-    evaluate the result against `source`, and commit the artifact with its manifest."""
-
-    def populate(tmp: Path) -> ManifestDraft:
-        parameters = write(tmp)
-        quality = evaluation.evaluate(tmp, reference_dir=source, config=eval_config)
-        quality.extra.update(extra or {})
-        return ManifestDraft(
-            kind=kind,
-            source=SourceModel(path=str(source), digest=folder_digest(source)),
-            parameters=parameters,
-            data=data,
-            quality=quality,
-            tool_versions=tool_versions(*TOOLS),
-        )
-
-    manifest = write_artifact(output, populate, overwrite=overwrite)
+    """`core.quality.write_measured_artifact` with the toolchain's `TOOLS` recorded."""
+    manifest = evaluation.write_measured_artifact(
+        output, kind, source, write, data=data, eval_config=eval_config, tools=TOOLS, overwrite=overwrite,
+        extra=extra,
+    )  # fmt: skip
     log.info("artifact %s (%s) written", output, kind)
     return manifest
 

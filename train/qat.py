@@ -38,24 +38,16 @@ from pydantic import BaseModel, Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from core.artifact import (
-    ManifestDraft,
-    Quality,
-    SourceModel,
-    check_destination,
-    folder_digest,
-    tool_versions,
-    write_artifact,
-)
+from core.artifact import Quality, check_destination
 from core.config import StrictModel
 from core.errors import ConfigError
 from core.models import check_architecture, load_causal_lm, load_tokenizer, read_config, resolve_model_dir
-from core.quality import SUPPORTED_BITS, EvalConfig, WeightBits
+from core.quality import SUPPORTED_BITS, EvalConfig, WeightBits, evaluate, write_measured_artifact
 from core.textdata import data_info, load_texts
 from train.checkpoint import is_sharded
 from train.config import LoopConfig
-from train.data import Example, collate, tokenize_texts
-from train.distill import kl_sum
+from train.data import Example, collate, pad_token_id, tokenize_texts
+from train.distill import flops_per_token, target_kl, teacher_outputs
 from train.loop import Batch, TrainingError, TrainTask, make_accelerator, token_ce_sum, train
 from train.report import LOG_NAME, PLOT_NAME
 
@@ -375,12 +367,8 @@ def _build_task(
         ce, tokens = token_ce_sum(logits, batch["labels"])
         if alpha == 0:
             return ce, tokens
-        if next(teacher.parameters()).device != logits.device:
-            teacher.to(logits.device)
-        with torch.no_grad():
-            target = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        mask = (batch["labels"][:, 1:] != -100).to(torch.float32)
-        kl = kl_sum(logits[:, :-1], target[:, :-1], mask, temperature)
+        target = teacher_outputs(teacher, batch, logits.device).logits
+        kl = target_kl(logits, target, batch["labels"], temperature)
         return alpha * kl + (1 - alpha) * ce, tokens
 
     params = sum(p.numel() for p in teacher.parameters())
@@ -390,16 +378,9 @@ def _build_task(
         train_data=train_data,
         eval_data=validation,
         collate=lambda examples: collate(examples, pad_id),
-        # student forward + backward, teacher forward (alpha > 0)
-        flops_per_token=6.0 * params + (2.0 * params if alpha else 0.0),
+        flops_per_token=flops_per_token(params, params, with_teacher=alpha != 0),
         lr_multiplier=lambda name: settings.scale_lr / lr if is_quantization_parameter(name) else 1.0,
     )
-
-
-def _evaluate(folder: Path, source: Path, config: EvalConfig) -> Quality:
-    from core.quality import evaluate
-
-    return evaluate(folder, reference_dir=source, config=config)
 
 
 def default_work_dir(output: Path) -> Path:
@@ -435,7 +416,7 @@ def train_qat(
             f"{data_name}: {len(train_data)} training and {len(validation)} validation samples of 2 "
             f"tokens or more; QAT needs both (add text or lower data.validation_every)"
         )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
 
     set_seed(recipe.loop.seed)
     teacher = load_causal_lm(model, dtype=torch.float32)
@@ -473,33 +454,34 @@ def train_qat(
     if rtn is not None:
         extra.update(_prefixed("rtn_", rtn))
 
-    def populate(tmp: Path) -> ManifestDraft:
+    def write(tmp: Path) -> dict[str, Any]:
         export_compressed(student, tmp, settings, dtype)
         tokenizer.save_pretrained(tmp)
         for name in (LOG_NAME, PLOT_NAME):
             if (work / name).is_file():
                 shutil.copy2(work / name, tmp / name)
-        quality = _evaluate(tmp, model, recipe.evaluation)
-        quality.extra.update(extra)
-        return ManifestDraft(
-            kind="qat",
-            source=SourceModel(path=str(model), digest=folder_digest(model)),
-            parameters={
-                "method": "qat",
-                "format": "compressed-tensors",
-                **settings.model_dump(mode="json"),
-                "data": recipe.data.model_dump(mode="json"),
-                "loop": recipe.loop.model_dump(mode="json"),
-                "steps": result.steps,
-            },
-            data=data_info(data_name, train_texts, num_tokens=sum(len(e.input_ids) for e in train_data)),
-            quality=quality,
-            tool_versions=tool_versions("torch", "transformers", "compressed-tensors", "accelerate"),
-        )
+        return {
+            "method": "qat",
+            "format": "compressed-tensors",
+            **settings.model_dump(mode="json"),
+            "data": recipe.data.model_dump(mode="json"),
+            "loop": recipe.loop.model_dump(mode="json"),
+            "steps": result.steps,
+        }
 
     quality = None
     if main:  # one writer under accelerate launch / torchrun
-        quality = write_artifact(output, populate, overwrite=overwrite).quality
+        quality = write_measured_artifact(
+            output,
+            "qat",
+            model,
+            write,
+            data=data_info(data_name, train_texts, num_tokens=sum(len(e.input_ids) for e in train_data)),
+            eval_config=recipe.evaluation,
+            tools=("torch", "transformers", "compressed-tensors", "accelerate"),
+            overwrite=overwrite,
+            extra=extra,
+        ).quality
         log.info("QAT artifact written to %s (mean KL %.5f)", output, quality.mean_kl)
     PartialState().wait_for_everyone()
     return QatResult(
@@ -538,7 +520,7 @@ def _measure_rtn(
     with tempfile.TemporaryDirectory(prefix="qat-rtn-") as tmp:
         export_compressed(start, Path(tmp), settings, dtype)
         tokenizer.save_pretrained(tmp)
-        quality = _evaluate(Path(tmp), source, config)
+        quality = evaluate(Path(tmp), reference_dir=source, config=config)
     log.info("RTN starting point: mean KL %.5f, perplexity %.3f", quality.mean_kl, quality.perplexity)
     return quality
 
