@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from accelerate import PartialState
+from pydantic import BaseModel
 
 from core.errors import ConfigError, StackError
 from core.models import read_config
@@ -27,6 +28,13 @@ app = typer.Typer(
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Recipe YAML (see train/recipes/).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")]
 WorkOpt = Annotated[Path | None, typer.Option(help="Checkpoints and logs (default: <output>.work).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing output.")]
+
+
+def _echo_result(result: BaseModel) -> None:
+    """Print a run's result as JSON on stdout, once: only the main process of a multi-process launch."""
+    if PartialState().is_main_process:
+        typer.echo(result.model_dump_json(indent=2))
 
 
 @app.command()
@@ -38,12 +46,12 @@ def lora(
     eval_data: Annotated[Path | None, typer.Option(help="Held-out chat records.")] = None,
     work_dir: WorkOpt = None,
     resume: ResumeOpt = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune a LoRA adapter (loss on assistant tokens only) and write it as a `lora` artifact."""
     from train.lora import train_lora
 
-    recipe = load_recipe(config, LoraRecipe) if config else LoraRecipe()
+    recipe = load_recipe(config, LoraRecipe)
     result = train_lora(
         model,
         data,
@@ -54,8 +62,7 @@ def lora(
         resume=resume,
         overwrite=overwrite,
     )
-    if PartialState().is_main_process:
-        typer.echo(result.model_dump_json(indent=2))
+    _echo_result(result)
 
 
 @app.command()
@@ -95,8 +102,7 @@ def distill(
         raise ConfigError(f"output {output} already exists and is not empty")
     settings = distill_config(config, flags, defaults={"work_dir": output.parent / f"{output.name}.work"})
     result = run_distill(settings, output)
-    if PartialState().is_main_process:
-        typer.echo(result.model_dump_json(indent=2))
+    _echo_result(result)
 
 
 @app.command()
@@ -107,16 +113,15 @@ def qat(
     config: ConfigOpt = None,
     work_dir: WorkOpt = None,
     resume: ResumeOpt = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Quantization-aware training: fine-tune through fake-quantized weights (STE, learned group scales),
     then write a compressed-tensors artifact that `serve` loads, with its measured quality."""
     from train.qat import QatRecipe, train_qat
 
-    recipe = load_recipe(config, QatRecipe) if config else QatRecipe()
+    recipe = load_recipe(config, QatRecipe)
     result = train_qat(model, data, output, recipe, work_dir=work_dir, resume=resume, overwrite=overwrite)
-    if PartialState().is_main_process:
-        typer.echo(result.model_dump_json(indent=2))
+    _echo_result(result)
 
 
 @app.command("estimate-memory")

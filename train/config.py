@@ -125,7 +125,10 @@ def recipe_mapping(path: Path | str) -> dict[str, Any]:
     return raw
 
 
-def load_recipe(path: Path | str, model: type[M]) -> M:
-    """Parse a YAML recipe into `model`; every problem is reported together in one `ConfigError`."""
+def load_recipe(path: Path | str | None, model: type[M]) -> M:
+    """Parse a YAML recipe into `model` (no path: `model`'s defaults); every problem is reported together
+    in one `ConfigError`."""
+    if path is None:
+        return model()
     raw = recipe_mapping(path)
     return validate_config(model, raw, context=f"recipe {path}")

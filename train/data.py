@@ -139,6 +139,13 @@ def tokenize_texts(
     return examples
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id `collate` pads with: the tokenizer's pad token, else its end-of-sequence token (padding has
+    attention 0 and no target, so which token it is never changes a loss)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad_id)
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding has attention 0 and no target."""
     width = max(len(e.input_ids) for e in examples)

@@ -33,7 +33,7 @@ from core.models import load_causal_lm, load_tokenizer, read_config
 from core.textdata import BUILTIN_CORPUS, load_texts
 from train.checkpoint import is_sharded
 from train.config import LoopConfig, recipe_mapping
-from train.data import Example, collate, tokenize_texts
+from train.data import IGNORE_INDEX, Example, collate, pad_token_id, tokenize_texts
 from train.loop import Batch, TrainTask, make_accelerator, token_ce_sum, train
 from train.report import LOG_NAME, PLOT_NAME
 
@@ -187,6 +187,32 @@ def kl_sum(
     return (kl * mask).sum() * t * t
 
 
+def target_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, t: float
+) -> torch.Tensor:
+    """`kl_sum` of the next-token distributions over the positions that predict a target token (the shifted
+    `labels` are not IGNORE_INDEX): the distillation term of every loss that learns from a teacher."""
+    mask = (labels[:, 1:] != IGNORE_INDEX).to(torch.float32)
+    return kl_sum(student_logits[:, :-1], teacher_logits[:, :-1], mask, t)
+
+
+def teacher_outputs(teacher: nn.Module, batch: Batch, device: torch.device, *, hidden: bool = False) -> Any:
+    """The frozen teacher's outputs on `batch`, computed without gradients; the teacher is moved to `device`
+    (the trained model's: the loop places only that one) the first time."""
+    if next(teacher.parameters()).device != device:
+        teacher.to(device)
+    with torch.no_grad():
+        return teacher(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden
+        )
+
+
+def flops_per_token(student_params: int, teacher_params: int, *, with_teacher: bool) -> float:
+    """Training FLOPs per token: the student's forward and backward (6 N), plus the teacher's forward (2 N)
+    when the loss runs it."""
+    return 6.0 * student_params + (2.0 * teacher_params if with_teacher else 0.0)
+
+
 def _build_task(
     config: DistillConfig,
     teacher: PreTrainedModel,
@@ -214,18 +240,8 @@ def _build_task(
         ce, tokens = token_ce_sum(logits, labels)
         if alpha == 0 and hidden_weight == 0:
             return ce, tokens
-        if next(teacher.parameters()).device != logits.device:
-            teacher.to(logits.device)
-        with torch.no_grad():
-            t_out = teacher(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                output_hidden_states=hidden_weight > 0,
-            )
-        mask = (labels[:, 1:] != -100).to(logits.dtype)
-        loss = (1 - alpha) * ce + alpha * kl_sum(
-            logits[:, :-1], t_out.logits[:, :-1], mask, config.temperature
-        )
+        t_out = teacher_outputs(teacher, batch, logits.device, hidden=hidden_weight > 0)
+        loss = (1 - alpha) * ce + alpha * target_kl(logits, t_out.logits, labels, config.temperature)
         if hidden_weight > 0:
             token_mask = batch["attention_mask"].float()
             for student_h, index in zip(hidden, mapping, strict=True):
@@ -246,7 +262,9 @@ def _build_task(
         train_data=train_data,
         eval_data=eval_data,
         collate=lambda examples: collate(examples, pad_id),
-        flops_per_token=6.0 * params + (2.0 * sum(p.numel() for p in teacher.parameters()) if alpha else 0),
+        flops_per_token=flops_per_token(
+            params, sum(p.numel() for p in teacher.parameters()), with_teacher=alpha != 0
+        ),
     )
 
 
@@ -286,7 +304,7 @@ def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
     train_texts, eval_texts = _texts(config)
     train_data = tokenize_texts(tokenizer, train_texts, config.max_length)
     eval_data = tokenize_texts(tokenizer, eval_texts, config.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     log.info("distilling on %d samples, %d held out", len(train_data), len(eval_data))
 
     with tempfile.TemporaryDirectory(prefix="distill-") as tmp:

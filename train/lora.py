@@ -32,7 +32,7 @@ from core.artifact import (
 from core.models import load_causal_lm, load_tokenizer, resolve_model_dir
 from train.checkpoint import gather_trainable, is_sharded
 from train.config import LoraRecipe
-from train.data import ChatData, collate, load_chat_jsonl
+from train.data import ChatData, collate, load_chat_jsonl, pad_token_id
 from train.loop import TrainTask, causal_lm_loss_sum, make_accelerator, train
 from train.report import LOG_NAME, PLOT_NAME
 
@@ -105,7 +105,7 @@ def train_lora(
             task_type="CAUSAL_LM",
         ),
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     n_params = sum(p.numel() for p in peft_model.parameters())
     task = TrainTask(
         model=peft_model,

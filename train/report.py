@@ -50,28 +50,28 @@ def peak_memory_mb(device: torch.device) -> float:
     large parent would report the parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_memory_mb(device: torch.device) -> float:
     """Accelerator memory allocated by torch now, or this process's resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
+    resident = _proc_status_mb("VmRSS")
+    return resident if resident is not None else peak_memory_mb(device)
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """The `field` line of /proc/self/status (kB) in MiB; None where there is no such file or line."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_memory_mb(device)
+    return None
 
 
 @dataclass
