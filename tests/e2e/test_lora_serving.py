@@ -2,7 +2,10 @@
 
 One server for the module, started with adapters from all three sources (`--lora-modules`, `--lora-dir`,
 `--lora-registry`), four adapters for `--max-loras 2` (so vLLM's LRU must swap them), float32 so that the
-served adapters can be compared token for token with the adapters merged into the base by PEFT.
+served adapters can be compared token for token with the adapters merged into the base by PEFT. Checked:
+listing, routing, per-adapter metrics, concurrent mixed traffic, corrupt adapters (truncated weights, a
+digest mismatch, another base model, a rank above the limit) refused at runtime while traffic goes on,
+and runtime load and unload under traffic.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import httpx
 import openai
 import pytest
 
+from core.artifact import ManifestDraft, write_artifact
+from tests.e2e.serve_helpers import metric
+from tests.support.corrupt import flip_bit, truncate_half
 from tests.support.lora import build_lora_adapter, merge_lora
 from tests.support.server import RunningServer, start_server
 
@@ -51,12 +57,24 @@ def adapters(
         made.paths[name] = build_lora_adapter(tiny_model_dir, path, seed=seed)
     (root / "registry.yaml").write_text("adapters:\n  - {name: a3, path: a3}\n  - {name: a4, path: a4}\n")
     truncated = shutil.copytree(made.paths["a1"], root / "truncated")
-    weights = truncated / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    truncate_half(truncated / "adapter_model.safetensors")
     made.paths["truncated"] = truncated
+    made.paths["tampered"] = _tampered(made.paths["a1"], root / "tampered")
     made.paths["wrong-base"] = build_lora_adapter(tiny_model_dir_b, root / "wrong-base", seed=1)
     made.paths["rank16"] = build_lora_adapter(tiny_model_dir, root / "rank16", seed=9, rank=16)
     return made
+
+
+def _tampered(good: Path, dest: Path) -> Path:
+    """The adapter wrapped as an artifact (`artifact.json` with file digests), then one weight bit flipped."""
+
+    def populate(tmp: Path) -> ManifestDraft:
+        shutil.copytree(good, tmp, dirs_exist_ok=True)
+        return ManifestDraft(kind="lora", parameters={"made_by": "test_lora_serving"})
+
+    write_artifact(dest, populate)
+    flip_bit(dest / "adapter_model.safetensors")
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +96,15 @@ def client(server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120)
 
 
-def complete(client: openai.OpenAI, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
+def complete(
+    client: openai.OpenAI, model: str, prompt: str, max_tokens: int = MAX_TOKENS, *, stream: bool = False
+) -> str:
+    """The greedy completion's text (streamed: its chunks joined)."""
+    if stream:
+        events = client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+        )
+        return "".join(event.choices[0].text for event in events)
     result = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
     return result.choices[0].text
 
@@ -90,12 +116,18 @@ def alone(client: openai.OpenAI) -> dict[tuple[str, str], str]:
 
 
 class Traffic:
-    """Background requests cycling over `models`, each checked against its output when sent alone."""
+    """Background requests cycling over `models`, each checked against its output when sent alone (with
+    `stream`, the second worker's requests are streamed)."""
 
     def __init__(
-        self, client: openai.OpenAI, expected: dict[tuple[str, str], str], models: list[str]
+        self,
+        client: openai.OpenAI,
+        expected: dict[tuple[str, str], str],
+        models: list[str],
+        *,
+        stream: bool = False,
     ) -> None:
-        self.client, self.expected, self.models = client, expected, models
+        self.client, self.expected, self.models, self.stream = client, expected, models, stream
         self.stop = threading.Event()
         self.done = 0
         self.failures: list[str] = []
@@ -106,7 +138,7 @@ class Traffic:
         while not self.stop.is_set():
             model, prompt = self.models[i % len(self.models)], PROMPTS[i % len(PROMPTS)]
             try:
-                text = complete(self.client, model, prompt)
+                text = complete(self.client, model, prompt, stream=self.stream and offset == 1)
                 if text != self.expected[(model, prompt)]:
                     self.failures.append(f"{model}: {text!r} != {self.expected[(model, prompt)]!r}")
                 self.done += 1
@@ -178,12 +210,26 @@ def test_concurrent_mixed_traffic_equals_each_request_alone(
     assert not mismatches
 
 
+def test_adapter_requests_are_counted_under_their_name(server: RunningServer, client: openai.OpenAI) -> None:
+    before = metric(server.url, "llmstack:generation_tokens_total", model="a2")
+    reply = client.chat.completions.create(
+        model="a2",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        extra_body={"ignore_eos": True},
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens == 3
+    assert metric(server.url, "llmstack:generation_tokens_total", model="a2") >= before + 3
+    assert metric(server.url, "llmstack:lora_adapters_loaded") == len(STARTUP_ADAPTERS)
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("truncated", "unreadable"),
-        ("wrong-base", "different model from the served tiny"),
-        ("rank16", "rank 16, above the server's --max-lora-rank 8"),
+        pytest.param("truncated", "unreadable", id="truncated-weights"),
+        pytest.param("tampered", "is corrupt: file adapter_model.safetensors", id="digest-mismatch"),
+        pytest.param("wrong-base", "different model from the served tiny", id="wrong-base"),
+        pytest.param("rank16", "rank 16, above the server's --max-lora-rank 8", id="rank-above-limit"),
     ],
 )
 def test_corrupt_adapter_is_refused_while_serving_goes_on(
@@ -194,19 +240,29 @@ def test_corrupt_adapter_is_refused_while_serving_goes_on(
     name: str,
     message: str,
 ) -> None:
-    with Traffic(client, alone, [BASE, "a1", "a3"]) as traffic:
+    """Offered while requests to the base and to adapters run (one worker streaming), a corrupt adapter is
+    an OpenAI 400 naming its folder and its problem; every request still answers as when sent alone, the
+    listing is unchanged, and a sound adapter then loads under the refused name and answers."""
+    path = adapters.paths[name]
+    with Traffic(client, alone, [BASE, "a1", "a3"], stream=True) as traffic:
         time.sleep(0.3)
-        response = admin(
-            server, "POST", "/v1/adapters", json={"name": name, "path": str(adapters.paths[name])}
-        )
+        response = admin(server, "POST", "/v1/adapters", json={"name": name, "path": str(path)})
         time.sleep(0.3)
-    assert response.status_code == 400
+    assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert message in error["message"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["type"]
+    assert message in error["message"] and str(path) in error["message"]
     assert (error["param"], error["code"]) == ("path", "invalid_adapter")
     assert traffic.done > 0
     assert not traffic.failures
-    assert name not in [m.id for m in client.models.list().data]
+    assert [m.id for m in client.models.list().data] == [BASE, *STARTUP_ADAPTERS]
+    sound = admin(server, "POST", "/v1/adapters", json={"name": name, "path": str(adapters.paths["a5"])})
+    try:
+        assert sound.status_code == 200, sound.text
+        answer = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=4, temperature=0)
+        assert answer.usage is not None and answer.usage.completion_tokens >= 1
+    finally:  # leave the module's server with its startup adapters only
+        admin(server, "DELETE", f"/v1/adapters/{name}")
 
 
 def test_runtime_load_and_unload_under_concurrent_requests(

@@ -5,10 +5,11 @@
 - property-based fuzz (hypothesis) of every endpoint: no 5xx, every 4xx an OpenAI error object.
 - overload beyond the queue bound: 429 with Retry-After, never a crash, RSS bounded across waves.
 - SIGTERM during load: in-flight (running and queued) streams finish, new requests get 503, exit code 0.
-- a tampered artifact is refused at start with a clear message; corrupt adapters are refused at runtime while
-  the server keeps serving.
+- a tampered artifact is refused at start with a clear message (corrupt adapters, refused at runtime while
+  the server keeps serving, are tests/e2e/test_lora_serving.py's).
 
-Two servers per module: `server` (LoRA enabled, generous bounds) and `small_server` (2 running + 2 queued).
+Two servers per module: `server` (LoRA enabled for the adapter routes' fuzz, generous bounds) and
+`small_server` (2 running + 2 queued).
 The SIGTERM test stops `small_server`, so it comes last in this file.
 (The server has no OpenAPI schema route (`openapi_url=None`), so the fuzz is hypothesis over hand-written
 strategies of each endpoint's fields rather than schemathesis.)
@@ -39,7 +40,7 @@ from hypothesis import strategies as st
 
 from core.artifact import ManifestDraft, write_artifact
 from tests.e2e.serve_helpers import metric, scrape
-from tests.support.lora import build_lora_adapter
+from tests.support.corrupt import flip_bit
 from tests.support.server import DEFAULT_ENV, REPO_ROOT, RunningServer, start_server
 
 MODEL = "tiny"
@@ -344,82 +345,6 @@ def test_fuzz_methods_paths_and_raw_bytes(server: RunningServer, fuzz_client: ht
     assert wait_idle(server.url) == (0.0, 0.0)
 
 
-# ------------------------------------------------------------------------------------- corrupt adapters
-
-
-def _flip_byte(path: Path, offset_from_end: int = 64) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) - offset_from_end] ^= 0x01  # lowest bit of a weight: still a finite float
-    path.write_bytes(bytes(data))
-
-
-def _truncated(good: Path, dest: Path) -> Path:
-    shutil.copytree(good, dest)
-    weights = dest / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    return dest
-
-
-def _tampered(good: Path, dest: Path) -> Path:
-    """The adapter wrapped as an artifact (`artifact.json` with file digests), then one weight bit flipped."""
-
-    def populate(tmp: Path) -> ManifestDraft:
-        shutil.copytree(good, tmp, dirs_exist_ok=True)
-        return ManifestDraft(kind="lora", parameters={"made_by": "test_reliability"})
-
-    write_artifact(dest, populate)
-    _flip_byte(dest / "adapter_model.safetensors")
-    return dest
-
-
-@pytest.fixture(scope="module")
-def good_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapters") / "good", seed=3)
-
-
-@pytest.mark.parametrize(
-    "corrupt",
-    [
-        pytest.param(_truncated, id="truncated-weights"),
-        pytest.param(_tampered, id="digest-mismatch"),
-    ],
-)
-def test_corrupt_adapter_refused_while_serving(
-    server: RunningServer, good_adapter: Path, tmp_path: Path, corrupt: Any
-) -> None:
-    bad = corrupt(good_adapter, tmp_path / "bad")
-
-    async def scenario() -> tuple[dict[str, Any], httpx.Response]:
-        async with httpx.AsyncClient(timeout=120) as client:
-            # a base-model stream runs while the bad adapter is offered
-            streaming = asyncio.create_task(read_stream(client, server.url, stream_body("Keep going.", 48)))
-            await asyncio.sleep(0.2)
-            reply = await client.post(f"{server.url}/v1/adapters", json={"name": "bad", "path": str(bad)})
-            return await streaming, reply
-
-    streamed, reply = asyncio.run(scenario())
-    try:
-        check_complete(streamed, 48)
-        assert reply.status_code == 400, (
-            f"corrupt adapter not refused: {reply.status_code} {reply.text[:300]}"
-        )
-        assert_openai_error(reply)
-        assert str(bad) in reply.json()["error"]["message"]
-        assert [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]] == [MODEL]
-        # the server still serves, and a sound adapter still loads and answers
-        body = {"name": "good", "path": str(good_adapter)}
-        assert httpx.post(f"{server.url}/v1/adapters", json=body, timeout=60).status_code == 200
-        answer = httpx.post(
-            f"{server.url}/v1/completions",
-            json={"model": "good", "prompt": "hi", "max_tokens": 4},
-            timeout=60,
-        )
-        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
-    finally:  # leave the shared server with no adapters
-        for name in ("bad", "good"):
-            httpx.delete(f"{server.url}/v1/adapters/{name}", timeout=60)
-
-
 # ------------------------------------------------------------------------------------ corrupt artifact
 
 
@@ -432,7 +357,7 @@ def test_tampered_artifact_is_refused_at_start(tiny_model_dir: Path, tmp_path: P
 
     artifact = tmp_path / "tampered-model"
     write_artifact(artifact, populate)
-    _flip_byte(artifact / "model.safetensors")
+    flip_bit(artifact / "model.safetensors")
     env = {**DEFAULT_ENV, **os.environ}
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "--model", str(artifact), "--port", "0"],
