@@ -1,11 +1,13 @@
 """End to end: an adapter made by `train lora` is served by `serve` (real vLLM engine) with no conversion,
-changes the answer, and answers as the same adapter does under transformers + PEFT."""
+changes the answer, and answers as the same adapter does under transformers + PEFT; loaded at start
+(`--lora-modules`) and through the adapter API at run time alike (the one train → serve test)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -67,21 +69,39 @@ def _peft_greedy(base_dir: Path, adapter: Path | None) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def _ask(client: openai.OpenAI, model: str) -> str:
+    reply = client.chat.completions.create(
+        model=model,
+        messages=QUESTION,  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+    )
+    return reply.choices[0].message.content or ""
+
+
 def test_trained_adapter_is_served_and_changes_the_answer(
-    server: RunningServer, tiny_model_dir: Path, adapter: Path
+    client: openai.OpenAI, tiny_model_dir: Path, adapter: Path
 ) -> None:
-    client = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60)
-
-    def ask(model: str) -> str:
-        reply = client.chat.completions.create(
-            model=model,
-            messages=QUESTION,
-            max_tokens=MAX_TOKENS,
-            temperature=0,  # type: ignore[arg-type]
-        )
-        return reply.choices[0].message.content or ""
-
-    base, tuned = ask(tiny_model_dir.name), ask("trained")
+    base, tuned = _ask(client, tiny_model_dir.name), _ask(client, "trained")
     assert tuned != base
     assert tuned == _peft_greedy(tiny_model_dir, adapter)  # vLLM applies the adapter as PEFT does
     assert base == _peft_greedy(tiny_model_dir, None)
+
+
+def test_trained_adapter_loads_at_run_time_as_it_is(
+    server: RunningServer, client: openai.OpenAI, tiny_model_dir: Path, adapter: Path
+) -> None:
+    """The same artifact (PEFT files + artifact.json with the base's digest), loaded through
+    `POST /v1/adapters`, answers as the one loaded at start."""
+    loaded = httpx.post(
+        f"{server.url}/v1/adapters", json={"name": "trained-at-run-time", "path": str(adapter)}, timeout=120
+    )
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["parent"] == tiny_model_dir.name
+    assert _ask(client, "trained-at-run-time") == _ask(client, "trained")
+    assert httpx.delete(f"{server.url}/v1/adapters/trained-at-run-time", timeout=120).status_code == 200
