@@ -72,6 +72,20 @@ def _valid_calls(calls: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _required_call(client: openai.OpenAI, *, seed: int, **sampling: Any) -> Any:
+    """A chat turn that must call exactly one of TOOLS (`tool_choice=required`, no parallel calls)."""
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=80,
+        seed=seed,
+        **sampling,
+    )
+
+
 # --- response_format and structured_outputs ------------------------------------------------------------
 
 
@@ -154,17 +168,7 @@ def test_bad_schemas_and_grammars_are_400_with_param(client: openai.OpenAI, serv
 
 def test_required_calls_validate_across_seeds(client: openai.OpenAI) -> None:
     for seed in range(4):
-        reply = client.chat.completions.create(
-            model=MODEL,
-            messages=ASK,
-            tools=TOOLS,
-            tool_choice="required",
-            parallel_tool_calls=False,
-            max_tokens=80,
-            temperature=1.0,
-            seed=seed,
-            logprobs=True,
-        )
+        reply = _required_call(client, seed=seed, temperature=1.0, logprobs=True)
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls"
         assert len(_valid_calls(choice.message.tool_calls)) == 1
@@ -258,15 +262,7 @@ def test_streamed_calls_accumulate_to_the_non_streamed_ones(
 
 
 def test_a_tool_round_trip_conversation(client: openai.OpenAI) -> None:
-    first = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,
-        tools=TOOLS,
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=80,
-        seed=2,
-    )
+    first = _required_call(client, seed=2)
     call = first.choices[0].message.tool_calls[0]
     history: list[Any] = [
         *ASK,
