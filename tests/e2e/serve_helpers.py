@@ -1,5 +1,5 @@
-"""Helpers shared by the serve e2e tests: metric scraping (parsed by prometheus_client's own parser) and raw
-SSE reading."""
+"""Helpers shared by the serve e2e tests: metric scraping (parsed by prometheus_client's own parser), raw
+SSE reading, and the one-turn chat check of a served artifact."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -45,3 +46,14 @@ def sse_events(response: httpx.Response) -> list[Any]:
             data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def check_answers_chat(openai_url: str, prompt: str, max_tokens: int = 8) -> None:
+    """The server's first listed model answers one greedy chat turn on `prompt` with generated text."""
+    client = openai.OpenAI(base_url=openai_url, api_key="unused", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.choices[0].message.content

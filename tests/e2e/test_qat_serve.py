@@ -23,6 +23,7 @@ import yaml
 from core.artifact import verify_artifact
 from core.models import load_causal_lm, load_tokenizer
 from core.textdata import BUILTIN_CORPUS
+from tests.e2e.serve_helpers import check_answers_chat
 from tests.support.server import RunningServer, start_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -72,13 +73,7 @@ def server(artifact: Path) -> Iterator[RunningServer]:
 
 
 def test_qat_artifact_is_served_through_the_quantized_path(server: RunningServer, artifact: Path) -> None:
-    client = openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=60)
-    model = client.models.list().data[0].id
-    reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=8, temperature=0
-    )
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
-    assert reply.choices[0].message.content
+    check_answers_chat(server.openai_url, PROMPT)
     log = server.log()
     assert "compressed-tensors" in log or "compressed_tensors" in log, (
         "the engine did not load the W4A16 path"
