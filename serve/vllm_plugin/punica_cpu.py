@@ -8,7 +8,7 @@ token without an adapter (index -1) silently gets the last slot's adapter (vllm-
 
 `PunicaWrapperCPUGrouped` replaces it. Once per step (`update_metadata`) it sorts the tokens by adapter slot
 into runs; then a LoRA linear layer is, per slot in use, one float32 matmul shrinking all of the layer's
-slices and one expand matmul per slice (its stacked weights packed once in float32, `PackedWeights`), the
+slices and one expanding them all (its stacked weights packed once in float32, `PackedWeights`), the
 expand accumulating straight into the output where the rows are already in slot order, else one scatter-add
 into the rows that have an adapter. Many short runs (decode steps of mixed traffic) are padded to one
 batched matmul over all slots instead (`PaddedRuns`). Embeddings, logits and classification heads use the
@@ -32,7 +32,6 @@ tests/e2e/test_lora_cpu_leak.py passes with vLLM's own wrapper.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -145,19 +144,19 @@ def in_out(stacked: torch.Tensor) -> torch.Tensor:
 class PackedWeights:
     """One LoRA linear layer's stacked weights in float32, laid out `(slots, in, out)` for matmuls.
 
-    `a` is `(slots, in, sum of ranks)`: the slices' A side by side, so one matmul shrinks every slice; `b[i]`
-    is slice i's B, `(slots, rank_i, size_i)`; `ranks` and `sizes` are the slices' (a slice's columns of the
-    shrunk rows and of the output are at the running sums). `versions` are the stacked tensors' version
-    counters when packed: vLLM writes adapters into them in place (`set_lora`, `reset_lora`), which bumps
-    them.
+    `a` is `(slots, in, sum of ranks)`: the slices' A side by side, so one matmul shrinks every slice; `b` is
+    `(slots, sum of ranks, output width)`: the slices' B on the block diagonal (zeros elsewhere), so one
+    matmul expands every slice into its columns of the output. The zeros cost rank x out MACs per extra
+    slice, far less than the per-slice matmuls and concatenation they replace: on CPU these tiny matmuls
+    are bound by the cost of a torch call, not by arithmetic (docs/BENCHMARKS.md, multi-LoRA profile).
+    `versions` are the stacked tensors' version counters when packed: vLLM writes adapters into them in
+    place (`set_lora`, `reset_lora`), which bumps them.
     """
 
     lora_a: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
     a: torch.Tensor
-    b: tuple[torch.Tensor, ...]
-    ranks: tuple[int, ...]
-    sizes: tuple[int, ...]
+    b: torch.Tensor
 
     @classmethod
     def of(
@@ -165,25 +164,21 @@ class PackedWeights:
         lora_a: tuple[torch.Tensor, ...],
         lora_b: tuple[torch.Tensor, ...],
         output_slices: tuple[int, ...],
+        width: int,
     ) -> PackedWeights:
+        """`width`: the output's columns (the slices' sizes add up to at most that)."""
         versions = tuple(t._version for t in (*lora_a, *lora_b))
         a = torch.cat([in_out(t).float() for t in lora_a], dim=2).contiguous()
-        ranks = tuple(t.shape[-2] for t in lora_a)
-        b = tuple(
-            in_out(t)[:, :rank, :size].float().contiguous()
-            for t, rank, size in zip(lora_b, ranks, output_slices, strict=True)
-        )
-        return cls(lora_a, versions, a, b, ranks, tuple(output_slices))
+        ranks = [t.shape[-2] for t in lora_a]
+        b = torch.zeros((a.shape[0], sum(ranks), width), dtype=torch.float32)
+        rank_at = size_at = 0
+        for t, rank, size in zip(lora_b, ranks, output_slices, strict=True):
+            b[:, rank_at : rank_at + rank, size_at : size_at + size] = in_out(t)[:, :rank, :size]
+            rank_at, size_at = rank_at + rank, size_at + size
+        return cls(lora_a, versions, a, b)
 
     def current(self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]) -> bool:
         return self.lora_a is lora_a and self.versions == tuple(t._version for t in (*lora_a, *lora_b))
-
-    def slices(self) -> Iterator[tuple[torch.Tensor, slice, slice]]:
-        """(B, its columns of the shrunk rows, its columns of the output) of every slice."""
-        rank_at = size_at = 0
-        for b, rank, size in zip(self.b, self.ranks, self.sizes, strict=True):
-            yield b, slice(rank_at, rank_at + rank), slice(size_at, size_at + size)
-            rank_at, size_at = rank_at + rank, size_at + size
 
 
 def slots_of(lora_ids: tuple[int, ...] | list[int], lora_index_to_id: list[int | None]) -> np.ndarray:
@@ -257,7 +252,7 @@ class PunicaWrapperCPUGrouped(PunicaWrapperBase):
         packed = self._packed.get(id(lora_a_stacked))
         if packed is None or not packed.current(lora_a_stacked, lora_b_stacked):
             packed = self._packed[id(lora_a_stacked)] = PackedWeights.of(
-                lora_a_stacked, lora_b_stacked, output_slices
+                lora_a_stacked, lora_b_stacked, output_slices, y.shape[-1]
             )
         y, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
         if groups.padded is not None:
@@ -266,9 +261,8 @@ class PunicaWrapperCPUGrouped(PunicaWrapperBase):
             shrunk = torch.bmm(rows, packed.a)
             if scale != 1.0:
                 shrunk.mul_(scale)
-            expanded = [torch.bmm(shrunk[:, :, ranks], b) for b, ranks, _ in packed.slices()]
-            delta = expanded[0] if len(expanded) == 1 else torch.cat(expanded, dim=2)
-            groups.add_to(y, delta.view(-1, y.shape[1]).index_select(0, padded.valid))
+            delta = torch.bmm(shrunk, packed.b).view(-1, y.shape[1])
+            groups.add_to(y, delta.index_select(0, padded.valid))
             return
         shrunk = groups.matmul(groups.gather(x), packed.a)
         if scale != 1.0:
@@ -278,8 +272,7 @@ class PunicaWrapperCPUGrouped(PunicaWrapperBase):
             y if in_place else torch.zeros((groups.count, y.shape[1]), dtype=torch.float32, device=y.device)
         )
         for slot, start, end in groups.runs:
-            for b, ranks, columns in packed.slices():
-                delta[start:end, columns].addmm_(shrunk[start:end, ranks], b[slot])
+            delta[start:end].addmm_(shrunk[start:end], packed.b[slot])
         if not in_place:
             groups.add_to(y, delta)
 
