@@ -54,6 +54,16 @@ $(QUANT_ENV)/.installed: requirements/quant.lock pyproject.toml
 	$(QUANT_ENV)/bin/pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	touch $@
 
+# guidellm (vLLM's load tool) for bench/guidellm_check.py, in its own environment; not part of `make test`.
+GUIDELLM_ENV := $(VENV)/guidellm
+.PHONY: guidellm-env
+guidellm-env: $(GUIDELLM_ENV)/.installed
+
+$(GUIDELLM_ENV)/.installed: requirements/guidellm.lock
+	test -x $(GUIDELLM_ENV)/bin/python || $(PYTHON) -m venv $(GUIDELLM_ENV)
+	$(GUIDELLM_ENV)/bin/pip install $(PIP_FLAGS) --no-deps -r requirements/guidellm.lock
+	touch $@
+
 lint: $(SERVE_ENV)/.installed
 	$(SERVE_ENV)/bin/ruff check .
 	$(SERVE_ENV)/bin/ruff format --check .

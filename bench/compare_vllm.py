@@ -27,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
             proc.wait()
 
 
-def run_server(name: str, model: Path, args: argparse.Namespace, log_dir: Path) -> list[Summary]:
-    """Start one server, load it at every level, stop it."""
+@contextmanager
+def started_server(
+    name: str, model: Path, args: argparse.Namespace, log_dir: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start one server (`name`: ours or vllm), wait until it answers, yield (process, base URL), stop it."""
     port = free_port()
     log_path = log_dir / f"{name}-{port}.log"
     with log_path.open("wb") as log:
@@ -163,20 +167,26 @@ def run_server(name: str, model: Path, args: argparse.Namespace, log_dir: Path) 
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; log: {log_path}")
             print(f"  {name}: ready in {time.monotonic() - started:.1f} s (log {log_path})", flush=True)
-            prompts = build_prompts(args.num_prompts, seed=args.seed)
-            base = load_config(args, base_url, args.served_model_name, None)
-            return asyncio.run(
-                run_levels(
-                    base,
-                    prompts,
-                    args.concurrency,
-                    args.num_requests,
-                    args.warmup,
-                    cpu_seconds=lambda: process_cpu_seconds(proc.pid),
-                )
-            )
+            yield proc, base_url
         finally:
             stop(proc)
+
+
+def run_server(name: str, model: Path, args: argparse.Namespace, log_dir: Path) -> list[Summary]:
+    """Start one server, load it at every level, stop it."""
+    with started_server(name, model, args, log_dir) as (proc, base_url):
+        prompts = build_prompts(args.num_prompts, seed=args.seed)
+        base = load_config(args, base_url, args.served_model_name, None)
+        return asyncio.run(
+            run_levels(
+                base,
+                prompts,
+                args.concurrency,
+                args.num_requests,
+                args.warmup,
+                cpu_seconds=lambda: process_cpu_seconds(proc.pid),
+            )
+        )
 
 
 def run_engine(model: Path, args: argparse.Namespace, log_dir: Path) -> list[Summary]:
