@@ -1,7 +1,9 @@
 """End to end: data parallel (`--data-parallel-size 2`, one core per engine rank) behind one `serve`.
 
-Two server starts (~1.5-3 min on 2 loaded cores): a single-engine server (the reference: greedy answers of
-the base model and of a LoRA adapter) and the DP = 2 server. On the DP server:
+Three starts (~6 min on 2 loaded cores, mostly start-up): a single-engine server (the reference: greedy
+answers of the base model and of a LoRA adapter), the DP = 2 server, and a DP = 2 server whose rank 1 is a
+second "node": `python -m serve.headless` in another process joining over loopback (that one is opt-in,
+`--run-slow`, for CI time). On the DP server:
 - 64 greedy requests at concurrency 8 all succeed and each equals the single-engine server's answer for its
   prompt (16 prompts, each sent 4 times, so every prompt is very likely answered by both ranks);
 - vLLM's least-load balancer gives each rank at least 40% of them, read from vLLM's per-engine counter
@@ -9,10 +11,15 @@ the base model and of a LoRA adapter) and the DP = 2 server. On the DP server:
 - an adapter loaded at run time through `POST /v1/adapters` (AsyncLLM's DP client sends it to every engine)
   answers, on both ranks (both per-engine counters move during its requests), what the single-engine
   server answers with the same adapter, and differently from the base model.
+On the two-"node" server: 32 requests, each rank >= 40%, the same answers, and this server's own per-rank
+counter `llmstack:engine_requests_finished_total` equal to vLLM's.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +30,7 @@ import pytest
 
 from tests.e2e.serve_helpers import scrape
 from tests.support.lora import build_lora_adapter
-from tests.support.server import RunningServer, start_server
+from tests.support.server import DEFAULT_ENV, REPO_ROOT, RunningServer, free_port, start_server
 
 PROMPTS = [
     f"{word} number {i} is" for i, word in enumerate(["The answer", "Once upon a time", "a", "We"] * 4)
@@ -33,6 +40,7 @@ CONCURRENCY = 8
 MAX_TOKENS = 12
 ENGINE_FLAGS = ("--dtype", "float32", "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8")
 SUCCESS = "vllm:request_success_total"
+OURS = "llmstack:engine_requests_finished_total"
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +121,7 @@ def test_two_ranks_share_the_load_and_answer_like_one_engine(
     mismatches = [i for i, (got, want) in enumerate(zip(answers, expected, strict=True)) if got != want]
     assert not mismatches, [(REQUESTS[i], answers[i], expected[i]) for i in mismatches]
     assert "EngineCore_DP1" in dp_server.log()
+    assert _per_engine(dp_server, OURS) == after  # this server's per-rank counter agrees with vLLM's
 
 
 def test_adapter_loaded_at_run_time_answers_the_same_on_both_ranks(
@@ -129,3 +138,41 @@ def test_adapter_loaded_at_run_time_answers_the_same_on_both_ranks(
     assert all(after[rank] > before.get(rank, 0.0) for rank in ("0", "1")), (before, after)
     assert set(answers) == {reference["lora"][0]}, set(answers)
     assert reference["lora"][0] != reference["base"][0]  # the adapter changes the answer
+
+
+@pytest.mark.slow  # two more engine starts (~3 min on 2 cores): opt-in with --run-slow
+def test_a_headless_second_node_joins_as_rank_1(
+    tiny_model_dir: Path, reference: dict[str, list[str]], tmp_path: Path
+) -> None:
+    layout = ["--data-parallel-size", "2", "--data-parallel-size-local", "1"]
+    layout += ["--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(free_port())]
+    log = (tmp_path / "headless.log").open("w")
+    env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}}
+    command = [sys.executable, "-m", "serve.headless", "--model", str(tiny_model_dir), *ENGINE_FLAGS, *layout]
+    worker = subprocess.Popen(
+        [*command, "--data-parallel-start-rank", "1"],
+        cwd=REPO_ROOT,
+        env={**env, "VLLM_CPU_OMP_THREADS_BIND": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        env_api = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+        with start_server(
+            tiny_model_dir, *ENGINE_FLAGS, *layout, env=env_api, log_dir=tmp_path, startup_timeout=400
+        ) as api:
+            answers = _run(api, tiny_model_dir.name, PROMPTS * 2)
+            done = _per_engine(api, SUCCESS)
+            assert sorted(done) == ["0", "1"] and sum(done.values()) == 2 * len(PROMPTS), done
+            assert min(done.values()) >= 0.4 * 2 * len(PROMPTS), done
+            assert answers == reference["base"] * 2
+            assert _per_engine(api, OURS) == done
+        assert "EngineCore_DP1" in (tmp_path / "headless.log").read_text()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        log.close()

@@ -81,51 +81,6 @@ def test_adapter_metric_labels_are_bounded(server: RunningServer, adapter_paths:
     assert labels == {"x", "other"}
 
 
-def test_an_adapter_made_by_train_lora_is_served_as_is(
-    server: RunningServer, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    """`train lora`'s artifact (PEFT files + artifact.json with the base's digest) loads as it is."""
-    import json
-
-    from train.config import LoraRecipe
-    from train.lora import train_lora
-
-    records = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Say {w}."},
-                {"role": "assistant", "content": f"{w} {w}."},
-            ]
-        }
-        for w in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"] * 2
-    ]
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    recipe = LoraRecipe.model_validate(
-        {
-            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-            "data": {"max_length": 64, "heldout_every": 4},
-            "loop": {
-                "max_steps": 2,
-                "batch_size": 4,
-                "eval_every": 2,
-                "checkpoint_every": 2,
-                "progress": False,
-            },
-        }
-    )
-    adapter = tmp_path / "trained"
-    train_lora(tiny_model_dir, data, adapter, recipe)
-    loaded = call(server, "POST", "/v1/adapters", ADMIN_KEY, json={"name": "trained", "path": str(adapter)})
-    assert loaded.status_code == 200, loaded.text
-    user = openai.OpenAI(base_url=server.openai_url, api_key=USER_KEY, max_retries=0)
-    out = user.chat.completions.create(
-        model="trained", messages=[{"role": "user", "content": "Say alpha."}], max_tokens=4, temperature=0
-    )
-    assert out.choices[0].finish_reason in {"stop", "length"}
-    assert call(server, "DELETE", "/v1/adapters/trained", ADMIN_KEY).status_code == 200
-
-
 def test_unload_cancels_the_requests_that_outlive_the_timeout(
     server: RunningServer, adapter_paths: dict[str, str]
 ) -> None:
