@@ -42,6 +42,7 @@ import pytest
 from core.artifact import verify_artifact
 from core.models import load_tokenizer
 from serve.engine import cpu_features
+from tests.e2e.serve_helpers import check_answers_chat
 from tests.support.avx2 import avx2_env
 from tests.support.server import RunningServer, start_server
 
@@ -161,13 +162,7 @@ def test_server_answers_chat_on_the_quantized_path(
 ) -> None:
     name, kind, running = server
     assert verify_artifact(artifacts[name]).kind == name.removesuffix("-classic")
-    client = openai.OpenAI(base_url=running.openai_url, api_key="unused")
-    model = client.models.list().data[0].id
-    reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=8, temperature=0
-    )
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
-    assert reply.choices[0].message.content
+    check_answers_chat(running.openai_url, PROMPT)
     log = running.log()
     assert ENGINE_LOG_MARKERS[name] in log, "the engine did not load the quantized path"
     native_bf16 = kind == "this-cpu" and cpu_features.probe().native_bf16
