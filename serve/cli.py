@@ -221,8 +221,21 @@ def start_up(prog: str, argv: list[str] | None) -> tuple[ServeSettings, Path]:
         sys.exit(2)
 
 
+def exit_on_sigterm() -> None:
+    """Until uvicorn installs its drain handler: SIGTERM exits like SIGINT does (an exception, so that
+    `finally` blocks and vLLM's finalizers stop the engine processes started so far). Python's default
+    SIGTERM action ends the process at once and left vLLM's engine core running, orphaned (seen when a
+    server was stopped while it loaded)."""
+
+    def raise_exit(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, raise_exit)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings, model_dir = start_up("serve", argv)
+    exit_on_sigterm()
     try:
         # uvloop where installed, as `uvicorn.run` and vLLM's own server do (asyncio.run would not): the
         # event loop and socket writes of every streamed chunk run in C.

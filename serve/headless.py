@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from core.errors import ConfigError, StackError
-from serve.cli import start_up
+from serve.cli import exit_on_sigterm, start_up
 from serve.settings import ServeSettings
 
 log = logging.getLogger("serve.headless")
@@ -83,6 +83,7 @@ def run_headless(settings: ServeSettings, model_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings, model_dir = start_up("serve.headless", argv)  # the API node's start-up, dtype included
+    exit_on_sigterm()  # as vLLM's own headless mode: SIGTERM ends the ranks through `engines.shutdown`
     try:
         run_headless(settings, model_dir)
     except StackError as err:

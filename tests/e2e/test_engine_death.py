@@ -10,8 +10,12 @@ One server (tiny model); the engine core is found as the server's child process 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +24,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.support.server import start_server
+from tests.support.server import DEFAULT_ENV, REPO_ROOT, free_port, start_server
 
 READY_WITHIN_S = 2.0
 EXIT_WITHIN_S = 10.0
@@ -88,3 +92,38 @@ def test_killing_the_engine_core_turns_ready_503_refuses_new_requests_and_exits(
         assert code != 0
         print(f"/ready 503 after {ready_after:.2f} s, exit {code} after {exited_after:.2f} s")
         assert "the engine died" in server.log()
+
+
+def test_sigterm_while_the_engine_loads_leaves_no_engine_process(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A server stopped before it is ready (a supervisor's stop, a failed rollout) takes its engine core
+    with it: Python's default SIGTERM action used to end the API process at once and leave the engine core
+    running, orphaned."""
+    env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # as `serve` runs by default: a separate engine process
+    command = [sys.executable, "-m", "serve.cli", "--model", str(tiny_model_dir), "--dtype", "float32"]
+    command += ["--host", "127.0.0.1", "--port", str(free_port())]
+    with (tmp_path / "serve.log").open("wb") as log:
+        server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # until the engine core process exists (the server is loading the model)
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "no engine core process appeared"
+            children = psutil.Process(server.pid).children(recursive=True)
+            if any("EngineCore" in c.name() for c in children):
+                break
+            time.sleep(0.2)
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(60)
+        assert code != 0  # it did not serve
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        if server.poll() is None:
+            server.kill()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
