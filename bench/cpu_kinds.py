@@ -10,7 +10,8 @@ min..max over rounds.
 
 Per run: output tokens/s; CPU seconds of the whole server (API process + vLLM engine core) per 1,000 output
 tokens, which is less sensitive than wall time to other load on a shared machine; resident memory (RSS) of
-the engine core process after the load, and of the API process. The kernel each run used is read from the
+the engine processes after the load (engine core + worker: weights and the 1 GiB KV cache), and of the API
+process. The kernel each run used is read from the
 engine log.
 
 Usage (the W4A16 artifact made by the toolchain, e.g. `quantize awq --model MODEL --output out/awq`):
@@ -75,14 +76,16 @@ def tree_cpu_seconds(proc: psutil.Process) -> float:
     return total
 
 
-def engine_core(proc: psutil.Process) -> psutil.Process | None:
+def engine_rss_mib(proc: psutil.Process) -> float:
+    """Resident memory of every process under the server (vLLM's engine core and, with the multiprocessing
+    executor, the worker that holds the weights and the KV cache), in MiB."""
+    total = 0
     for child in proc.children(recursive=True):
         try:
-            if "EngineCore" in child.name():
-                return child
+            total += child.memory_info().rss
         except psutil.NoSuchProcess:
             continue
-    return None
+    return total / 2**20
 
 
 def run(config: Config, model: Path, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -103,13 +106,12 @@ def run(config: Config, model: Path, args: argparse.Namespace, log_dir: Path) ->
         cpu_before = tree_cpu_seconds(server)
         (summary,) = asyncio.run(run_levels(cfg, cfg_prompts, [args.concurrency], args.num_requests))
         cpu = tree_cpu_seconds(server) - cpu_before
-        core = engine_core(server)
         text = log_path.read_text(errors="replace")
         return {
             "config": config.name,
             "tok_s": summary.output_throughput,
             "cpu_s_per_1k_tokens": cpu * 1e3 / max(summary.total_output_tokens, 1),
-            "engine_rss_mib": core.memory_info().rss / 2**20 if core else float("nan"),
+            "engine_rss_mib": engine_rss_mib(server),
             "api_rss_mib": server.memory_info().rss / 2**20,
             "errors": summary.errors,
             "kernel": next((k for k in KERNELS if f"Using {k}" in text), "-"),
