@@ -345,15 +345,26 @@ def load_results(path: Path) -> dict[str, list[list[Summary]]]:
     return {name: [[Summary(**s) for s in r] for r in rounds] for name, rounds in raw.items()}
 
 
+def round_order(contenders: Sequence[str], round_no: int) -> list[str]:
+    """The contenders in round `round_no`'s order: rotated by one each round, so drift hits all alike."""
+    shift = round_no % len(contenders)
+    return [*contenders[shift:], *contenders[:shift]]
+
+
+def add_contender_arguments(parser: argparse.ArgumentParser, contenders: Sequence[str]) -> None:
+    """The options every A/B benchmark of servers shares: model, served name, rounds, contenders, start-up."""
+    parser.add_argument("--model", default="tiny", help="tiny | smollm2 | a model folder")
+    parser.add_argument("--served-model-name", default="bench-model")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--contenders", nargs="+", choices=contenders, default=list(contenders))
+    parser.add_argument("--start-timeout", type=float, default=300.0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tiny", help="tiny | smollm2 | a model folder")
-    parser.add_argument("--served-model-name", default="bench-model")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    parser.add_argument("--start-timeout", type=float, default=300.0)
+    add_contender_arguments(parser, CONTENDERS)
     parser.add_argument("--json-out", type=Path, default=None, help="write every round's summaries here")
     parser.add_argument("--report-from", type=Path, default=None, help="re-print a --json-out file's report")
     add_engine_arguments(parser)
@@ -381,8 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="compare-vllm-") as tmp:
         log_dir = Path(tmp)
         for round_no in range(args.rounds):
-            shift = round_no % len(args.contenders)
-            order = args.contenders[shift:] + args.contenders[:shift]
+            order = round_order(args.contenders, round_no)
             print(f"round {round_no + 1}/{args.rounds}: {' -> '.join(order)}", flush=True)
             for name in order:
                 try:

@@ -34,7 +34,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.compare_vllm import REPO_ROOT, resolve_model, started_server
+from bench.compare_vllm import (
+    REPO_ROOT,
+    add_contender_arguments,
+    resolve_model,
+    round_order,
+    started_server,
+)
 from bench.engine_direct import add_engine_arguments
 
 CONTENDERS = ("ours", "vllm")
@@ -203,11 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tiny", help="tiny | smollm2 | a model folder")
-    parser.add_argument("--served-model-name", default="bench-model")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    parser.add_argument("--start-timeout", type=float, default=300.0)
+    add_contender_arguments(parser, CONTENDERS)
     parser.add_argument("--concurrency", type=int, default=8, help="guidellm concurrent streams")
     parser.add_argument("--num-requests", type=int, default=128, help="measured requests (after the warmup)")
     parser.add_argument(
@@ -253,8 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = args.out_dir or Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for round_no in range(args.rounds):
-            shift = round_no % len(args.contenders)
-            order = args.contenders[shift:] + args.contenders[:shift]
+            order = round_order(args.contenders, round_no)
             print(f"round {round_no + 1}/{args.rounds}: {' -> '.join(order)}", flush=True)
             for name in order:
                 try:
