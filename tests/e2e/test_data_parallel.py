@@ -17,7 +17,6 @@ counter `llmstack:engine_requests_finished_total` equal to vLLM's.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ import pytest
 
 from tests.e2e.serve_helpers import scrape
 from tests.support.lora import build_lora_adapter
-from tests.support.server import DEFAULT_ENV, REPO_ROOT, RunningServer, free_port, start_server
+from tests.support.server import REPO_ROOT, RunningServer, free_port, server_env, start_server
 
 PROMPTS = [
     f"{word} number {i} is" for i, word in enumerate(["The answer", "Once upon a time", "a", "We"] * 4)
@@ -147,7 +146,7 @@ def test_a_headless_second_node_joins_as_rank_1(
     layout = ["--data-parallel-size", "2", "--data-parallel-size-local", "1"]
     layout += ["--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(free_port())]
     log = (tmp_path / "headless.log").open("w")
-    env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}}
+    env = server_env()
     command = [sys.executable, "-m", "serve.headless", "--model", str(tiny_model_dir), *ENGINE_FLAGS, *layout]
     worker = subprocess.Popen(
         [*command, "--data-parallel-start-rank", "1"],

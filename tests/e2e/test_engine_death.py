@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.support.server import DEFAULT_ENV, REPO_ROOT, free_port, start_server
+from tests.support.server import REPO_ROOT, free_port, server_env, start_server
 
 READY_WITHIN_S = 2.0
 EXIT_WITHIN_S = 10.0
@@ -100,8 +99,7 @@ def test_sigterm_while_the_engine_loads_leaves_no_engine_process(
     """A server stopped before it is ready (a supervisor's stop, a failed rollout) takes its engine core
     with it: Python's default SIGTERM action used to end the API process at once and leave the engine core
     running, orphaned."""
-    env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}}
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # as `serve` runs by default: a separate engine process
+    env = server_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})  # as `serve` runs: a separate engine process
     command = [sys.executable, "-m", "serve.cli", "--model", str(tiny_model_dir), "--dtype", "float32"]
     command += ["--host", "127.0.0.1", "--port", str(free_port())]
     with (tmp_path / "serve.log").open("wb") as log:

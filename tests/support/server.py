@@ -90,6 +90,12 @@ class RunningServer:
             return self.process.wait()
 
 
+def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a server process the tests start: this one's, DEFAULT_ENV where it sets nothing,
+    then `extra`."""
+    return {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}, **(extra or {})}
+
+
 @contextlib.contextmanager
 def start_server(
     model: str | os.PathLike[str],
@@ -103,7 +109,7 @@ def start_server(
     folder = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="serve-log-"))
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / f"serve-{port}.log"
-    full_env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}, **(env or {})}
+    full_env = server_env(env)
     if env is None or "VLLM_ENABLE_V1_MULTIPROCESSING" not in env:
         full_env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     command = [sys.executable, "-m", "serve.cli", "--model", str(model), "--host", "127.0.0.1"]
