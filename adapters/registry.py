@@ -55,15 +55,14 @@ class LoRAEngine(Protocol):
 
 @dataclass
 class AdapterEntry:
-    """One registered adapter. `requests` counts requests served; `in_flight` those still running (held by
-    the tasks in `holders`); `cancelled` those an unload cancelled after its timeout."""
+    """One registered adapter. `requests` counts requests served; `in_flight` those still running (counted
+    from `holders`, the tasks holding a lease); `cancelled` those an unload cancelled after its timeout."""
 
     name: str
     lora_id: int
     info: AdapterInfo
     loaded_at: datetime
     requests: int = 0
-    in_flight: int = 0
     unloading: bool = False
     cancelled: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -71,6 +70,10 @@ class AdapterEntry:
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.holders.values())
 
     @property
     def path(self) -> Path:
@@ -126,18 +129,16 @@ class AdapterRegistry:
         if entry is None or entry.unloading or entry.lora_id != route.lora.lora_int_id:
             raise ModelNotFound(route.model)
         task = asyncio.current_task()
-        entry.in_flight += 1
         entry.requests += 1
         entry.holders[task] += 1
         entry.idle.clear()
         try:
             yield
         finally:
-            entry.in_flight -= 1
             entry.holders[task] -= 1
             if entry.holders[task] == 0:
                 del entry.holders[task]
-            if entry.in_flight == 0:
+            if not entry.holders:
                 entry.idle.set()
 
     # --- management --------------------------------------------------------------------------------
