@@ -157,6 +157,8 @@ def cpu_settings(settings: ServeSettings, model_dir: Path) -> ServeSettings:
 
 
 async def _serve(settings: ServeSettings, model_dir: Path) -> None:
+    from vllm.envs import enable_envs_cache
+
     from serve.app import build_app, default_router
     from serve.engine.vllm_engine import VLLMEngine
     from serve.openai.adapters.serving import adapter_specs, start_router
@@ -177,6 +179,10 @@ async def _serve(settings: ServeSettings, model_dir: Path) -> None:
             timeout_graceful_shutdown=5,
         )
         server = DrainingServer(config, app.state.server, settings.drain_timeout_seconds)
+        # Start-up is over and nothing changes the environment from here on: cache vLLM's environment
+        # variables, as its engine core does. Its output path reads one per token per request
+        # (`IterationStats.update_from_output`), 4.1 us uncached vs 0.9 us cached (measured on the Xeon).
+        enable_envs_cache()
         url = f"http://{settings.host}:{settings.port}/v1"
         log.info("serving %s as %r at %s", model_dir, router.base_name, url)
         print(f"serve: {router.base_name} at {url}", flush=True)  # noqa: T201  (the CLI's one line of output)

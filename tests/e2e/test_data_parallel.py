@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -141,51 +142,61 @@ def test_adapter_loaded_at_run_time_answers_the_same_on_both_ranks(
     assert reference["lora"][0] != reference["base"][0]  # the adapter changes the answer
 
 
+@contextmanager
+def _headless_node(tiny_model_dir: Path, args: list[str], cpu: str, log_path: Path) -> Iterator[None]:
+    """A second "node": `python -m serve.headless` with `args`, on core `cpu`, stopped on exit."""
+    command = [sys.executable, "-m", "serve.headless", "--model", str(tiny_model_dir), *ENGINE_FLAGS, *args]
+    with log_path.open("w") as log:
+        worker = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env={**server_env(), "VLLM_CPU_OMP_THREADS_BIND": cpu},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+API_NODE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+
+
 @pytest.mark.slow  # two more engine starts (~3 min on 2 cores): opt-in with --run-slow
 def test_a_headless_second_node_joins_as_rank_1(
     tiny_model_dir: Path, reference: dict[str, list[str]], adapter: Path, tmp_path: Path
 ) -> None:
     layout = ["--data-parallel-size", "2", "--data-parallel-size-local", "1"]
     layout += ["--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(free_port())]
-    log = (tmp_path / "headless.log").open("w")
-    env = server_env()
-    command = [sys.executable, "-m", "serve.headless", "--model", str(tiny_model_dir), *ENGINE_FLAGS, *layout]
-    worker = subprocess.Popen(
-        [*command, "--data-parallel-start-rank", "1"],
-        cwd=REPO_ROOT,
-        env={**env, "VLLM_CPU_OMP_THREADS_BIND": "1"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        env_api = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
-        with start_server(
-            tiny_model_dir, *ENGINE_FLAGS, *layout, env=env_api, log_dir=tmp_path, startup_timeout=400
-        ) as api:
-            answers = _run(api, tiny_model_dir.name, REQUESTS)
-            done = _per_engine(api, SUCCESS)
-            assert sorted(done) == ["0", "1"] and sum(done.values()) == len(REQUESTS), done
-            assert min(done.values()) >= 0.4 * len(REQUESTS), done
-            assert answers == reference["base"] * 4
-            assert _per_engine(api, OURS) == done
+    node_log = tmp_path / "headless.log"
+    with (
+        _headless_node(tiny_model_dir, [*layout, "--data-parallel-start-rank", "1"], "1", node_log),
+        start_server(
+            tiny_model_dir, *ENGINE_FLAGS, *layout, env=API_NODE_ENV, log_dir=tmp_path, startup_timeout=400
+        ) as api,
+    ):
+        answers = _run(api, tiny_model_dir.name, REQUESTS)
+        done = _per_engine(api, SUCCESS)
+        assert sorted(done) == ["0", "1"] and sum(done.values()) == len(REQUESTS), done
+        assert min(done.values()) >= 0.4 * len(REQUESTS), done
+        assert answers == reference["base"] * 4
+        assert _per_engine(api, OURS) == done
 
-            loaded = httpx.post(
-                f"{api.url}/v1/adapters", json={"name": "dp-lora", "path": str(adapter)}, timeout=120
-            )
-            assert loaded.status_code == 200, loaded.text
-            lora_answers = _run(api, "dp-lora", PROMPTS[:1] * 16)
-            after = _per_engine(api, SUCCESS)
-            assert all(after[rank] > done[rank] for rank in ("0", "1")), (done, after)
-            assert set(lora_answers) == {reference["lora"][0]}, set(lora_answers)
-        assert "EngineCore_DP1" in (tmp_path / "headless.log").read_text()
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        log.close()
+        loaded = httpx.post(
+            f"{api.url}/v1/adapters", json={"name": "dp-lora", "path": str(adapter)}, timeout=120
+        )
+        assert loaded.status_code == 200, loaded.text
+        lora_answers = _run(api, "dp-lora", PROMPTS[:1] * 16)
+        after = _per_engine(api, SUCCESS)
+        assert all(after[rank] > done[rank] for rank in ("0", "1")), (done, after)
+        assert set(lora_answers) == {reference["lora"][0]}, set(lora_answers)
+    assert "EngineCore_DP1" in node_log.read_text()
 
 
 @pytest.mark.slow  # one more engine start: opt-in with --run-slow
@@ -208,24 +219,10 @@ def test_pipeline_parallel_across_two_nodes_answers_like_one_engine(
     """PP = 2 with `--nnodes 2`: `serve` runs stage 0, `serve.headless --node-rank 1` stage 1 (loopback)."""
     layout = ["--pipeline-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1"]
     layout += ["--master-port", str(free_port())]
-    log = (tmp_path / "node1.log").open("w")
-    command = [sys.executable, "-m", "serve.headless", "--model", str(tiny_model_dir), *ENGINE_FLAGS, *layout]
-    worker = subprocess.Popen(
-        [*command, "--node-rank", "1"],
-        cwd=REPO_ROOT,
-        env={**server_env(), "VLLM_CPU_OMP_THREADS_BIND": "1"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
-        with start_server(
-            tiny_model_dir, *ENGINE_FLAGS, *layout, "--node-rank", "0", env=env, log_dir=tmp_path
-        ) as pp:
-            assert _run(pp, tiny_model_dir.name, PROMPTS) == reference["base"]
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+    with (
+        _headless_node(tiny_model_dir, [*layout, "--node-rank", "1"], "1", tmp_path / "node1.log"),
+        start_server(
+            tiny_model_dir, *ENGINE_FLAGS, *layout, "--node-rank", "0", env=API_NODE_ENV, log_dir=tmp_path
+        ) as pp,
+    ):
+        assert _run(pp, tiny_model_dir.name, PROMPTS) == reference["base"]
