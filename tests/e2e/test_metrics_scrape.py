@@ -285,7 +285,9 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_has_data(
     api = f"http://127.0.0.1:{port}/api/v1/query"
 
     def query(expr: str) -> list[dict[str, object]]:
-        body = httpx.get(api, params={"query": expr}, timeout=10).json()
+        reply = httpx.get(api, params={"query": expr}, timeout=10)
+        reply.raise_for_status()  # a 503 while Prometheus starts: the wait below retries
+        body = reply.json()
         assert body["status"] == "success", (expr, body)
         result: list[dict[str, object]] = body["data"]["result"]
         return result
