@@ -5,9 +5,8 @@ A pipeline stage after the first receives the previous stage's hidden states int
 runs that dummy run (`CPUModelRunner.warming_up_model`) only when compiling: in eager mode
 (`CompilationMode.NONE`, which `serve` uses on CPU) with an explicit KV cache size (`VLLM_CPU_KVCACHE_SPACE`)
 `CPUWorker` skips the warm-up, and `warming_up_model` itself returns at once. So with
-`--pipeline-parallel-size 2` rank 1
-failed its first step with `assert self.intermediate_tensors is not None`
-(`sync_and_gather_intermediate_tensors`) and the engine core died with a `KeyError` in
+`--pipeline-parallel-size 2` rank 1 failed its first step with `assert self.intermediate_tensors is not
+None` (`sync_and_gather_intermediate_tensors`) and the engine core died with a `KeyError` in
 `scheduler.update_from_output` (measured: single node and `--nnodes 2` alike; with `--no-enforce-eager` it
 served). This fix allocates the buffer exactly as the GPU runner's dummy run does, once the KV cache is
 set up (`CPUModelRunner.initialize_kv_cache`, which every worker runs before its first step), on every
