@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from adapters.base import BaseModelProfile
 from adapters.discovery import AdapterSpec
 from adapters.errors import AdapterError, AdapterExists, AdapterNotFound
-from adapters.routing import ModelEntry, ModelNotFound, Route
+from adapters.routing import ModelEntry, ModelNotFound, Route, base_entries
 from adapters.validation import AdapterInfo, validate_adapter
 from core.errors import ConfigError
 
@@ -89,9 +89,16 @@ class AdapterRegistry:
     """Routes `model` names to the base model or a registered adapter; loads and unloads adapters."""
 
     def __init__(
-        self, base: BaseModelProfile, engine: LoRAEngine, *, max_lora_rank: int, unload_timeout: float = 30.0
+        self,
+        base: BaseModelProfile,
+        engine: LoRAEngine,
+        *,
+        max_lora_rank: int,
+        unload_timeout: float = 30.0,
+        served_aliases: tuple[str, ...] = (),
     ) -> None:
         self._base = base
+        self._served_aliases = served_aliases
         self._engine = engine
         self._max_lora_rank = max_lora_rank
         self._unload_timeout = unload_timeout
@@ -105,15 +112,15 @@ class AdapterRegistry:
         return self._base.name
 
     def resolve(self, model: str) -> Route:
-        if model == self._base.name:
-            return Route(model, None)
+        if model == self._base.name or model in self._served_aliases:
+            return Route(self._base.name, None)
         entry = self._entries.get(model)
         if entry is None or entry.unloading:
             raise ModelNotFound(model)
         return Route(model, entry.lora_request())
 
     def models(self) -> list[ModelEntry]:
-        rows = [ModelEntry(self._base.name, str(self._base.path), None)]
+        rows = base_entries(self._base.name, str(self._base.path), self._served_aliases)
         rows += [ModelEntry(e.name, str(e.path), self._base.name) for e in self.adapters()]
         return rows
 
@@ -159,6 +166,8 @@ class AdapterRegistry:
         """Validate the adapter, hand it to the engine, then make it routable under `name`."""
         if name == self._base.name:
             raise AdapterExists(f"{name!r} is the served base model's name")
+        if name in self._served_aliases:
+            raise AdapterExists(f"{name!r} is a served name of the base model (--served-model-name)")
         async with self.lock(name):
             if name in self._entries:
                 raise AdapterExists(f"an adapter named {name!r} is already loaded (unload it first)")

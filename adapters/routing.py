@@ -64,24 +64,35 @@ class ModelRouter(Protocol):
         ...
 
 
+def base_entries(name: str, root: str, aliases: tuple[str, ...]) -> list[ModelEntry]:
+    """The /v1/models rows of the base model: its name, then each alias (`--served-model-name a b`)."""
+    return [ModelEntry(n, root, None) for n in (name, *aliases)]
+
+
 class BaseModelRouter:
     """The base model alone: the router of a server without LoRA."""
 
-    def __init__(self, base_name: str, base_root: str) -> None:
+    def __init__(self, base_name: str, base_root: str, aliases: tuple[str, ...] = ()) -> None:
         self._base_name = base_name
         self._base_root = base_root
+        self._aliases = aliases
 
     @property
     def base_name(self) -> str:
         return self._base_name
 
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """The base model's other served names."""
+        return self._aliases
+
     def resolve(self, model: str) -> Route:
-        if model == self._base_name:
-            return Route(model, None)
+        if model == self._base_name or model in self._aliases:
+            return Route(self._base_name, None)
         raise ModelNotFound(model)
 
     def models(self) -> list[ModelEntry]:
-        return [ModelEntry(self._base_name, self._base_root, None)]
+        return base_entries(self._base_name, self._base_root, self._aliases)
 
     def lease(self, route: Route) -> AbstractContextManager[None]:
         return nullcontext()

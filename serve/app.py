@@ -6,7 +6,10 @@ is in `app.state.server` (a `ServerState`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 
 from adapters.routing import BaseModelRouter, ModelRouter
 from serve import metrics
@@ -25,22 +28,36 @@ from serve.state import ServerState
 from serve.tgi.router import router as tgi_router
 
 
-def default_router(settings: ServeSettings, base_root: str) -> BaseModelRouter:
-    """The base model under `--served-model-name` (default: its folder's name)."""
-    from pathlib import Path
-
-    return BaseModelRouter(settings.served_model_name or Path(base_root).name, base_root)
+def default_router(settings: ServeSettings, model_dir: Path) -> BaseModelRouter:
+    """The base model under `--served-model-name`'s names (default: its folder's name)."""
+    name, *aliases = settings.served_model_names(model_dir)
+    return BaseModelRouter(name, str(model_dir), aliases=tuple(aliases))
 
 
 def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | None = None) -> FastAPI:
     """The API on `engine`; `router` defaults to the base model alone."""
-    check_tool_parser(settings.tool_call_parser)
-    router = router or default_router(settings, settings.model or "model")
+    check_tool_parser(settings.tool_call_parser, settings.vllm.tool_parser_plugin)
+    router = router or default_router(settings, Path(settings.model or "model"))
     state = ServerState.create(settings, engine, router)
-    app = FastAPI(title="llmstack serve", docs_url=None, redoc_url=None, openapi_url=None)
+    args = settings.vllm
+    app = FastAPI(
+        title="llmstack serve",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        root_path=getattr(args, "root_path", None) or "",
+    )
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(APIMiddleware, state=state)
+    if getattr(args, "allowed_origins", None):  # vLLM's CORS options, as its own server applies them
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=args.allowed_origins,
+            allow_credentials=args.allow_credentials,
+            allow_methods=args.allowed_methods,
+            allow_headers=args.allowed_headers,
+        )
     app.include_router(chat_router)
     app.include_router(completions_router)
     app.include_router(models_router)

@@ -41,9 +41,7 @@ class KeyRing:
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> KeyRing:
-        keys: list[tuple[str | None, str, Role]] = [
-            (None, k.get_secret_value(), Role.USER) for k in settings.api_key
-        ]
+        keys: list[tuple[str | None, str, Role]] = [(None, key, Role.USER) for key in settings.api_keys]
         if settings.api_keys_file is not None:
             keys += [
                 (name, key, Role.USER) for name, key in parse_keys_file(settings.api_keys_file.read_text())

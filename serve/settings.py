@@ -1,99 +1,57 @@
-"""The server's settings: one pydantic-settings model, read from `LLMSTACK_*` environment variables and from
-command-line flags generated from the same fields (`serve --help` prints each field's description).
+"""The server's settings: vLLM's own arguments (engine and front end, parsed by vLLM's parser) plus the
+stack's own settings (one pydantic-settings model: `LLMSTACK_*` environment variables, flags made from it).
 
-Invariant: a `ServeSettings` object is complete and valid; every problem (placeholder keys, bad adapter specs,
-missing files) is reported together at start-up, never later in a request.
+Invariants:
+- one source per setting: an engine or front-end option of vLLM is defined by vLLM alone (its parser, its
+  default, its meaning) and reaches the engine through `AsyncEngineArgs.from_cli_args`; `ServeSettings`
+  fields are only what vLLM does not have (keys file, admission, adapter registry, drain, metric labels);
+- a `ServeSettings` object is complete and valid; every problem (placeholder keys, bad adapter specs, an
+  option this stack cannot honour) is reported together at start-up, never later in a request.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from adapters.discovery import collect, parse_spec
+from adapters.discovery import AdapterSpec, collect
 from core.errors import ConfigError
 from core.settings import StackSettings, placeholder_reason
 
+if TYPE_CHECKING:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+ENV_PREFIX = "LLMSTACK_"
+STACK_GROUP = "llmstack"
+
 
 class ServeSettings(StackSettings):
-    """Everything `serve` can be told. Flag `--foo-bar` sets field `foo_bar`; env `LLMSTACK_FOO_BAR` too."""
+    """The stack's own settings. Flag `--foo-bar` sets field `foo_bar`; env `LLMSTACK_FOO_BAR` too.
 
-    model_config = SettingsConfigDict(env_prefix="LLMSTACK_")
+    `vllm` holds vLLM's parsed engine and front-end arguments (`serve --help=Frontend`, `--help=ModelConfig`
+    ...), exactly as `vllm serve` would have them."""
 
-    model: str | None = Field(
-        None, description="model folder (HF format or a quantized artifact); default: the embedded SmolLM2"
-    )
-    served_model_name: str | None = Field(
-        None, description="name clients use in `model`; default: the model folder's name"
-    )
-    host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    tensor_parallel_size: int = Field(
-        1,
-        ge=1,
-        description="split the model over this many GPUs (CPU: workers; needs VLLM_CPU_OMP_THREADS_BIND)",
-    )
-    pipeline_parallel_size: int = Field(
-        1, ge=1, description="split the model's layers over this many workers (with --nnodes: across nodes)"
-    )
-    data_parallel_size: int = Field(
-        1,
-        ge=1,
-        description="engine replicas behind this server, balanced by vLLM by load (CPU: one "
-        "VLLM_CPU_OMP_THREADS_BIND entry per local rank, e.g. '0|1')",
-    )
-    data_parallel_size_local: int | None = Field(
-        None,
-        ge=0,
-        description="data-parallel ranks started on this node; the rest join headless from other nodes "
-        "(default: all of --data-parallel-size)",
-    )
-    data_parallel_address: str | None = Field(
-        None, description="address of this node that headless data-parallel ranks connect to"
-    )
-    data_parallel_rpc_port: int | None = Field(
-        None, ge=1, le=65535, description="port for the data-parallel handshake at --data-parallel-address"
-    )
-    data_parallel_start_rank: int | None = Field(
-        None, ge=0, description="first data-parallel rank run on this node (headless nodes)"
-    )
-    nnodes: int = Field(1, ge=1, description="nodes one engine's tensor/pipeline parallel workers span")
-    node_rank: int = Field(0, ge=0, description="this node's rank among --nnodes")
-    master_addr: str = Field(
-        "127.0.0.1", description="node 0's address for multi-node tensor/pipeline parallel (--nnodes > 1)"
-    )
-    master_port: int = Field(
-        29501, ge=1, le=65535, description="node 0's port for multi-node tensor/pipeline parallel"
-    )
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="weight/activation dtype"
-    )
-    max_model_len: int | None = Field(None, ge=1, description="context length; default: the model's")
-    api_key: list[SecretStr] = Field(
-        default_factory=list,
-        description="accepted API key (repeatable); no keys at all: auth off",
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+
     api_keys_file: Path | None = Field(
         None, description="file of API keys, one per line as `name:key` or `key`; `#` starts a comment"
+    )
+    admin_api_key: list[SecretStr] = Field(
+        default_factory=list,
+        description="key allowed to load/unload adapters at run time (repeatable); needed once keys are set",
     )
     max_concurrent_requests: int = Field(64, ge=1, description="requests admitted into the engine at once")
     max_queued_requests: int = Field(
         256, ge=0, description="requests waiting for admission; beyond this: 429 with Retry-After"
     )
     retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 429")
-    lora_modules: list[str] = Field(
-        default_factory=list,
-        description="LoRA adapters served from start-up, as `name=path` (several)",
-    )
-    enable_lora: bool = Field(False, description="enable LoRA adapters (implied by --lora-modules)")
-    max_loras: int = Field(4, ge=1, description="adapters resident in one batch")
-    max_lora_rank: int = Field(16, ge=1, description="largest adapter rank accepted")
     lora_dir: Path | None = Field(
         None, description="serve every PEFT adapter folder in this directory, named after its folder"
     )
@@ -105,29 +63,8 @@ class ServeSettings(StackSettings):
         ge=0,
         description="adapter unload: how long its in-flight requests may run before they are cancelled",
     )
-    admin_api_key: list[SecretStr] = Field(
-        default_factory=list,
-        description="key allowed to load/unload adapters at run time (repeatable); needed once keys are set",
-    )
-    max_num_seqs: int | None = Field(
-        None, ge=1, description="sequences the engine schedules in one step; default: vLLM's for the device"
-    )
-    max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="tokens the engine processes in one step; default: vLLM's for the device"
-    )
     cpu_kvcache_space_gib: int | None = Field(
         None, ge=1, description="CPU engine: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE; default 1)"
-    )
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="GPU engine: fraction of GPU memory for weights and KV cache"
-    )
-    enforce_eager: bool | None = Field(
-        None, description="disable CUDA graphs / torch.compile; default: on for CPU, off for GPU"
-    )
-    tool_call_parser: str | None = Field(
-        "hermes",
-        description="vLLM tool-call parser for tool_choice 'auto' (as vLLM's --tool-call-parser); the "
-        "fallback tool prompt for templates without tools uses hermes' format",
     )
     max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     drain_timeout_seconds: float = Field(
@@ -139,22 +76,9 @@ class ServeSettings(StackSettings):
     metrics_max_key_labels: int = Field(
         16, ge=1, description="distinct API key ids as metric labels; more are labelled `other`"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
-    @field_validator("lora_modules")
-    @classmethod
-    def _lora_specs(cls, specs: list[str]) -> list[str]:
-        try:
-            collect(specs)
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-        return specs
-
-    @field_validator("api_key")
-    @classmethod
-    def _keys_are_real(cls, keys: list[SecretStr]) -> list[SecretStr]:
-        _refuse_placeholders([(f"API key #{i + 1}", k.get_secret_value()) for i, k in enumerate(keys)])
-        return keys
+    _vllm: argparse.Namespace = PrivateAttr(default_factory=argparse.Namespace)
+    _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @field_validator("api_keys_file")
     @classmethod
@@ -171,14 +95,77 @@ class ServeSettings(StackSettings):
             )
         return path
 
+    @field_validator("admin_api_key")
+    @classmethod
+    def _admin_keys_are_real(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        _refuse_placeholders([(f"admin key #{i + 1}", k.get_secret_value()) for i, k in enumerate(keys)])
+        return keys
+
+    # --- vLLM's arguments -----------------------------------------------------------------------------
+    @property
+    def vllm(self) -> argparse.Namespace:
+        """vLLM's engine and front-end arguments as its own parser produced them."""
+        return self._vllm
+
+    def with_vllm(self, **changes: Any) -> ServeSettings:
+        """A copy whose vLLM arguments have `changes` applied (this object is left as it is)."""
+        copy = self.model_copy()
+        copy._vllm = argparse.Namespace(**{**vars(self._vllm), **changes})
+        return copy
+
+    def explicit(self, dest: str) -> bool:
+        """Whether vLLM's option `dest` was given (flag, `--config` file or environment)."""
+        return dest in self._explicit
+
+    @property
+    def model(self) -> str | None:
+        """The model to serve (`--model` or vLLM's positional model); None: the embedded default."""
+        return getattr(self._vllm, "model", None)
+
+    @property
+    def host(self) -> str:
+        return self._vllm.host or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return int(self._vllm.port)
+
+    @property
+    def api_keys(self) -> list[str]:
+        """`--api-key` values (vLLM's flag: repeatable, several values after one flag)."""
+        return list(self._vllm.api_key or [])
+
+    @property
+    def log_level(self) -> str:
+        """vLLM's `--log-level` (its logging config's level), also the level of the server's own loggers."""
+        return str(getattr(self._vllm, "log_level", None) or "info").lower()
+
+    @property
+    def tool_call_parser(self) -> str:
+        return str(self._vllm.tool_call_parser)
+
+    def served_model_names(self, model_dir: Path) -> list[str]:
+        """`--served-model-name` (first: the name answered with; all: accepted); default: the folder name."""
+        return list(self._vllm.served_model_name or [model_dir.name])
+
+    def adapter_specs(self) -> list[AdapterSpec]:
+        """The start-up adapters of `--lora-modules`, `--lora-dir` and `--lora-registry` (problems
+        together)."""
+        modules = [f"{m.name}={m.path}" for m in self._vllm.lora_modules or []]
+        return collect(
+            modules,
+            [self.lora_dir] if self.lora_dir else [],
+            [self.lora_registry] if self.lora_registry else [],
+        )
+
     def adapters(self) -> dict[str, Path]:
-        """The `--lora-modules` specs as {name: path}, in the order given."""
-        return {spec.name: spec.path for spec in map(parse_spec, self.lora_modules)}
+        """The `--lora-modules` adapters as {name: path}, in the order given."""
+        return {m.name: Path(m.path) for m in self._vllm.lora_modules or []}
 
     def lora_enabled(self) -> bool:
         return (
-            self.enable_lora
-            or bool(self.lora_modules)
+            bool(self._vllm.enable_lora)
+            or bool(self._vllm.lora_modules)
             or self.lora_dir is not None
             or self.lora_registry is not None
         )
@@ -218,36 +205,74 @@ def _is_bool(annotation: Any) -> bool:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one flag per settings field.
-
-    Hand-written (about 20 lines) rather than pydantic-settings' CLI source because the flags follow vLLM's
-    conventions: `--lora-modules a=x b=y` (several values after one flag) and a repeatable `--api-key`.
-    Flags not given stay unset, so environment variables still apply.
-    """
-    parser = argparse.ArgumentParser(
-        prog="serve",
-        description="OpenAI-compatible server on vLLM. Every flag can also be set as LLMSTACK_<FLAG_NAME>.",
-        argument_default=argparse.SUPPRESS,
+def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `ServeSettings` field, in their own group. Flags not given stay unset (SUPPRESS), so
+    `LLMSTACK_*` environment variables still apply; pydantic validates the values."""
+    group = parser.add_argument_group(
+        STACK_GROUP, "The stack's own settings (not vLLM's); each can also be set as LLMSTACK_<FLAG_NAME>."
     )
     for name, field in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
         shown = "" if default is None or default == [] else f" (default: {default})"
         help_text = f"{field.description}{shown}"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if _is_bool(field.annotation):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif _is_list(field.annotation):
             metavar = name.removesuffix("s").upper()
-            parser.add_argument(flag, dest=name, nargs="+", action="extend", metavar=metavar, help=help_text)
+            group.add_argument(flag, nargs="+", action="extend", metavar=metavar, **kwargs)
         elif typing.get_origin(field.annotation) is Literal:
-            parser.add_argument(flag, dest=name, choices=typing.get_args(field.annotation), help=help_text)
+            group.add_argument(flag, choices=typing.get_args(field.annotation), **kwargs)
         else:
-            parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
+            group.add_argument(flag, metavar=name.upper(), **kwargs)
+
+
+def build_parser() -> FlexibleArgumentParser:
+    """vLLM's `vllm serve` parser (`make_arg_parser`: positional model, engine and front-end arguments,
+    `--config file.yaml`) with the stack's group added."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class ServeParser(FlexibleArgumentParser):
+        """A usage error is one ConfigError (the CLI prints one line and exits 2), not argparse's usage
+        text and exit."""
+
+        def error(self, message: str) -> typing.NoReturn:
+            raise ConfigError(message)
+
+    parser = ServeParser(
+        prog="serve",
+        usage="serve [model] [options]",
+        description="OpenAI-compatible server on vLLM. Takes `vllm serve`'s options (same names, defaults "
+        "and meaning) plus the stack's own (group llmstack). `--help=<group>` lists a group's options, "
+        "`--help=all` every option.",
+    )
+    make_arg_parser(parser)
+    add_stack_arguments(parser)
     return parser
 
 
+def stack_dests() -> frozenset[str]:
+    return frozenset(ServeSettings.model_fields)
+
+
 def parse_settings(argv: list[str] | None = None) -> ServeSettings:
-    """Settings from flags (`argv`) over environment variables over defaults."""
-    values = vars(build_parser().parse_args(argv))
-    return ServeSettings(**values)
+    """Settings from flags (`argv`) over environment variables over defaults; vLLM's arguments as its
+    parser gives them (`--model` or the positional model; unset: the embedded default model).
+
+    Raises pydantic's ValidationError for a bad stack setting and ConfigError for a bad vLLM argument
+    combination this stack refuses (see serve.frontend)."""
+    from serve import frontend
+
+    parser = build_parser()
+    argv = frontend.env_arguments(parser, stack_dests()) + list(argv if argv is not None else sys.argv[1:])
+    namespace = parser.parse_args(argv)
+    explicit = frontend.explicit_dests(parser, argv)
+    stack = {k: v for k, v in vars(namespace).items() if k in stack_dests()}
+    vllm = argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in stack_dests()})
+    frontend.resolve(parser, vllm, explicit)
+    settings = ServeSettings(**stack)
+    settings._vllm = vllm
+    settings._explicit = frozenset(explicit)
+    return settings

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from adapters.routing import ModelRouter
 from serve import metrics
@@ -34,7 +35,7 @@ class ServerState:
     @classmethod
     def create(cls, settings: ServeSettings, engine: Engine, router: ModelRouter) -> ServerState:
         return cls(
-            settings=settings.model_copy(update={"api_key": [], "admin_api_key": []}),
+            settings=settings.with_vllm(api_key=None).model_copy(update={"admin_api_key": []}),
             engine=engine,
             router=router,
             keys=KeyRing.from_settings(settings),
@@ -50,6 +51,16 @@ class ServerState:
 
     def model_label(self, model: str) -> str:
         return self.model_labels(model)
+
+    @cached_property
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        """`--default-chat-template-kwargs`: under every request's own `chat_template_kwargs`."""
+        return dict(getattr(self.settings.vllm, "default_chat_template_kwargs", None) or {})
+
+    @cached_property
+    def prompt_tokens_details(self) -> bool:
+        """`--enable-prompt-tokens-details`: usage carries `prompt_tokens_details.cached_tokens`."""
+        return bool(getattr(self.settings.vllm, "enable_prompt_tokens_details", False))
 
     @cached_property
     def vocab_size(self) -> int:

@@ -64,6 +64,7 @@ class EngineOutput:
     finished: bool
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     timing: TokenTiming | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (first output only)
 
 
 class Engine(Protocol):

@@ -6,6 +6,7 @@ only new tokens, and vLLM's own Prometheus metrics land in prometheus_client's d
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
@@ -95,7 +96,12 @@ class VLLMEngine:
         stats = _SchedulerStats()
         log.info("starting vLLM (%s) on %s", "cpu" if is_cpu_build() else "gpu", model_dir)
         llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir), stat_loggers=[stats.factory])
-        return cls(llm, load_tokenizer(model_dir), stats)
+        tokenizer = load_tokenizer(model_dir)
+        if settings.vllm.chat_template:  # vLLM's --chat-template: a file or the template itself
+            from vllm.renderers.chat_utils import load_chat_template
+
+            tokenizer.chat_template = load_chat_template(settings.vllm.chat_template)
+        return cls(llm, tokenizer, stats)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -129,6 +135,7 @@ class VLLMEngine:
                 prompt_logprobs = _prompt_logprobs(
                     prompt_token_ids, out.prompt_logprobs, params.prompt_logprobs
                 )
+            cached = int(out.num_cached_tokens or 0) if first else 0
             first = False
             yield EngineOutput(
                 prompt_tokens=len(prompt_token_ids),
@@ -136,6 +143,7 @@ class VLLMEngine:
                 finished=out.finished,
                 prompt_logprobs=prompt_logprobs,
                 timing=_timing(out.metrics) if out.finished else None,
+                cached_tokens=cached,
             )
 
     async def abort(self, request_id: str) -> None:
@@ -207,35 +215,24 @@ def _timing(stats: Any) -> TokenTiming | None:
 
 
 def engine_args(settings: ServeSettings, model_dir: Path) -> AsyncEngineArgs:
-    """vLLM's engine arguments for `settings`: every engine flag of `serve` maps to exactly one of them."""
+    """vLLM's engine arguments: `AsyncEngineArgs.from_cli_args` of vLLM's parsed arguments (so every engine
+    option has vLLM's name, default and meaning), for the resolved model folder, with the stack's CPU
+    defaults where the option was not given (`--enforce-eager`: on for CPU; LoRA on when adapters are
+    configured in any of the stack's ways)."""
     from vllm import AsyncEngineArgs
 
     from serve.vllm_plugin import nf4
 
     cpu = is_cpu_build()
-    return AsyncEngineArgs(
-        model=str(model_dir),
-        served_model_name=settings.served_model_name or model_dir.name,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        pipeline_parallel_size=settings.pipeline_parallel_size,
-        data_parallel_size=settings.data_parallel_size,
-        data_parallel_size_local=settings.data_parallel_size_local,
-        data_parallel_address=settings.data_parallel_address,
-        data_parallel_rpc_port=settings.data_parallel_rpc_port,
-        data_parallel_start_rank=settings.data_parallel_start_rank,
-        nnodes=settings.nnodes,
-        node_rank=settings.node_rank,
-        master_addr=settings.master_addr,
-        master_port=settings.master_port,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,  # type: ignore[arg-type]
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        enable_lora=settings.lora_enabled(),
-        max_loras=settings.max_loras,
-        max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else cpu,
-        disable_log_stats=False,
-        **(nf4.engine_overrides(model_dir) if cpu else {}),  # bitsandbytes 4-bit: dequantized at load
-    )
+    args = argparse.Namespace(**vars(settings.vllm))
+    args.model = str(model_dir)
+    args.served_model_name = settings.served_model_names(model_dir)
+    if settings.lora_enabled():
+        args.enable_lora = True
+    if cpu and not settings.explicit("enforce_eager"):
+        args.enforce_eager = True
+    engine = AsyncEngineArgs.from_cli_args(args)
+    engine.disable_log_stats = False  # the stack's metrics and KV-cache readiness read vLLM's stats
+    for name, value in (nf4.engine_overrides(model_dir) if cpu else {}).items():
+        setattr(engine, name, value)  # bitsandbytes 4-bit: dequantized at load
+    return engine

@@ -83,15 +83,23 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, p
 
 @dataclass
 class Usage:
+    """OpenAI's `usage`; with vLLM's `--enable-prompt-tokens-details`, `prompt_tokens_details.cached_tokens`
+    (prompt tokens served from the prefix cache, as the engine reports them)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    with_details: bool = False
 
-    def as_dict(self) -> dict[str, int]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.with_details:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
 
 
 @dataclass
@@ -121,6 +129,7 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.usage.prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        self.usage.with_details = self.state.prompt_tokens_details
         self.label = self.state.model_label(self.route.model)
 
     def outputs(self) -> AsyncGenerator[tuple[int, EngineOutput], None]:
@@ -181,6 +190,7 @@ async def _run_one(
                         last_token_at = now
                     generated += new_tokens
                     gen.usage.completion_tokens += new_tokens
+                    gen.usage.cached_tokens += out.cached_tokens
                     finished = out.finished
                     if finished:
                         metrics.E2E_REQUEST_LATENCY.labels(label).observe(now - gen.arrival)

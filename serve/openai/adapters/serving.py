@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters.base import BaseModelProfile
-from adapters.discovery import AdapterSpec, collect
+from adapters.discovery import AdapterSpec
 from adapters.errors import AdapterError, AdapterExists, AdapterNotFound
 from adapters.registry import AdapterRegistry, LoRAEngine
 from adapters.routing import ModelRouter
@@ -16,15 +16,6 @@ from serve.errors import OpenAIError
 from serve.openai.adapters.protocol import AdapterCard, AdapterList, LoadAdapterRequest
 from serve.settings import ServeSettings
 from serve.state import ServerState
-
-
-def adapter_specs(settings: ServeSettings) -> list[AdapterSpec]:
-    """The start-up adapters of `--lora-modules`, `--lora-dir` and `--lora-registry` (problems together)."""
-    return collect(
-        settings.lora_modules,
-        [settings.lora_dir] if settings.lora_dir else [],
-        [settings.lora_registry] if settings.lora_registry else [],
-    )
 
 
 async def start_router(
@@ -41,8 +32,9 @@ async def start_router(
     registry = AdapterRegistry(
         profile,
         engine,
-        max_lora_rank=settings.max_lora_rank,
+        max_lora_rank=settings.vllm.max_lora_rank,
         unload_timeout=settings.adapter_unload_timeout_seconds,
+        served_aliases=getattr(static, "aliases", ()),
     )
     await registry.load_all(specs)
     return registry

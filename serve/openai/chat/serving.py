@@ -126,7 +126,7 @@ def prepare(
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
             tools=list(plan.tools) or None,
-            template_kwargs=req.chat_template_kwargs,
+            template_kwargs={**state.chat_template_kwargs, **(req.chat_template_kwargs or {})} or None,
         )
     except DataError as err:
         raise OpenAIError(400, str(err), param="messages") from None

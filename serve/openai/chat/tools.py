@@ -340,11 +340,18 @@ def arguments_json(arguments: str) -> Any:
     return json.loads(arguments)
 
 
-def check_tool_parser(name: str | None) -> None:
-    """Refuse (at start-up) a `--tool-call-parser` that vLLM does not have: one `ConfigError` line."""
+def check_tool_parser(name: str | None, plugin: str = "") -> None:
+    """Refuse (at start-up) a `--tool-call-parser` that vLLM does not have: one `ConfigError` line. A
+    `--tool-parser-plugin` file is imported first (as vLLM's server does), so it can register the name."""
+    from vllm.tool_parsers import ToolParserManager
+
+    if plugin:
+        try:
+            ToolParserManager.import_tool_parser(plugin)
+        except Exception as err:
+            raise ConfigError(f"--tool-parser-plugin {plugin!r} cannot be imported: {err}") from None
     if name is None:
         return
-    from vllm.tool_parsers import ToolParserManager
 
     known = set(ToolParserManager.tool_parsers) | set(ToolParserManager.lazy_parsers)
     if name not in known:

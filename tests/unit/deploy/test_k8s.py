@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from serve.settings import ServeSettings
+from serve.settings import ServeSettings, build_parser, parse_settings
 from tests.unit.deploy.tools import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "docker" / "k8s"
@@ -69,7 +69,7 @@ def check_server_container(
 ) -> None:
     """Probes, drain and resources of a container that runs `serve` (`env`: its environment)."""
     port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert port_names.get("http") == ServeSettings.model_fields["port"].default
+    assert port_names.get("http") == parse_settings([]).port
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     startup = container["startupProbe"]
@@ -137,7 +137,8 @@ def test_multi_node_is_a_leader_and_headless_workers_whose_ranks_add_up() -> Non
     # both sides read the same engine settings, and every setting is one of serve's
     assert serve.get("envFrom") == engine.get("envFrom")
     settings = {k for k in serve_env | worker_env if k.startswith("LLMSTACK_")}
-    assert {k.removeprefix("LLMSTACK_").lower() for k in settings} <= set(ServeSettings.model_fields)
+    options = {a.dest for a in build_parser()._actions}  # vLLM's options and the stack's settings
+    assert {k.removeprefix("LLMSTACK_").lower() for k in settings} <= options
     # rank layout: the leader runs its local ranks, each worker pod the same number after it
     size, local = (
         int(serve_env["LLMSTACK_DATA_PARALLEL_SIZE"]),

@@ -15,7 +15,7 @@ from serve import cli
 from serve.engine import cpu_features
 from serve.engine.cpu_features import CpuFeatures
 from serve.engine.cpu_support import CpuUnsupportedError, artifact_scheme, check_runs_here, resolve_dtype
-from serve.settings import ServeSettings
+from serve.settings import parse_settings
 from tests.support.avx2 import avx2_env
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -141,12 +141,12 @@ def test_only_fp8_is_refused_and_only_without_avx512_fp16(tmp_path: Path, name: 
 def test_cli_applies_the_cpu_decisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _artifact(tmp_path / "m", None)
     monkeypatch.setattr(cpu_features, "probe", lambda: EPYC_AVX2)
-    assert cli.cpu_settings(ServeSettings(model=str(model)), model).dtype == "float32"
-    kept = cli.cpu_settings(ServeSettings(model=str(model), dtype="bfloat16"), model)
-    assert kept.dtype == "bfloat16"
+    assert cli.cpu_settings(parse_settings(["--model", str(model)]), model).vllm.dtype == "float32"
+    kept = cli.cpu_settings(parse_settings(["--model", str(model), "--dtype", "bfloat16"]), model)
+    assert kept.vllm.dtype == "bfloat16"
     monkeypatch.setattr(cpu_features, "probe", lambda: XEON)
-    assert cli.cpu_settings(ServeSettings(model=str(model)), model).dtype == "auto"
+    assert cli.cpu_settings(parse_settings(["--model", str(model)]), model).vllm.dtype == "auto"
     fp8 = _artifact(tmp_path / "fp8", FP8)
     monkeypatch.setattr(cpu_features, "probe", lambda: EPYC_AVX2)
     with pytest.raises(CpuUnsupportedError):
-        cli.cpu_settings(ServeSettings(model=str(fp8)), fp8)
+        cli.cpu_settings(parse_settings(["--model", str(fp8)]), fp8)

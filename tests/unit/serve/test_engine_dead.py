@@ -18,7 +18,7 @@ from core.models import load_tokenizer
 from serve import cli
 from serve.app import build_app
 from serve.errors import ENGINE_DEAD_RETRY_AFTER_SECONDS, as_openai_error
-from serve.settings import ServeSettings
+from serve.settings import parse_settings
 from tests.unit.serve.test_http_fake_engine import FakeEngine
 
 
@@ -56,7 +56,7 @@ def engine(tiny_model_dir: Path) -> DyingEngine:
 
 @pytest.fixture
 def client(engine: DyingEngine) -> Iterator[TestClient]:
-    settings = ServeSettings(model="/models/fake", served_model_name="fake")
+    settings = parse_settings(["--model", "/models/fake", "--served-model-name", "fake"])
     with TestClient(build_app(settings, engine), raise_server_exceptions=False) as test_client:
         yield test_client
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from core.models import load_tokenizer
 from serve.app import build_app
 from serve.engine.protocol import ChoiceDelta, EngineOutput
-from serve.settings import ServeSettings
+from serve.settings import parse_settings
 
 
 class FakeEngine:
@@ -74,7 +74,9 @@ def engine(tiny_model_dir: Path) -> FakeEngine:
 
 @pytest.fixture
 def client(engine: FakeEngine) -> Iterator[TestClient]:
-    settings = ServeSettings(model="/models/fake", served_model_name="fake", max_request_body_bytes=2048)
+    settings = parse_settings(
+        ["--model", "/models/fake", "--served-model-name", "fake", "--max-request-body-bytes", "2048"]
+    )
     with TestClient(build_app(settings, engine), raise_server_exceptions=False) as test_client:
         yield test_client
 
