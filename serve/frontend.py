@@ -160,9 +160,12 @@ _UNSET = object()
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The dests that `argv` (with `--config` expanded) sets: argparse fills in a default only for an
     attribute the namespace does not have yet, so a namespace preset to a sentinel shows what was given."""
-    preset = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
-    parsed = parser.parse_args(argv, preset)
-    return {k for k, v in vars(parsed).items() if v is not _UNSET}
+    accumulating = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction)
+    # actions that add to what is there (append, extend, count) start from None, which they accept
+    marks = {a.dest: None if isinstance(a, accumulating) else _UNSET for a in parser._actions}
+    marks.pop("help", None)
+    parsed = parser.parse_args(argv, argparse.Namespace(**marks))
+    return {k for k, v in vars(parsed).items() if k in marks and v is not marks[k]}
 
 
 def _defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:

@@ -55,6 +55,8 @@ def test_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_list_flags_accept_repeats_several_values_and_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = parse_settings(["--api-key", GOOD_KEY, GOOD_KEY + "b", "--lora-modules", "a=/x", "b=/y"])
     assert settings.api_keys == [GOOD_KEY, GOOD_KEY + "b"]
+    admins = parse_settings(["--admin-api-key", GOOD_KEY, "--admin-api-key", GOOD_KEY + "c"]).admin_api_key
+    assert [k.get_secret_value() for k in admins] == [GOOD_KEY, GOOD_KEY + "c"]  # the stack's flags extend
     assert list(settings.adapters()) == ["a", "b"] and settings.lora_enabled()
     monkeypatch.setenv("LLMSTACK_SERVED_MODEL_NAME", '["one", "two"]')
     assert parse_settings([]).served_model_names(Path("/m")) == ["one", "two"]
@@ -188,3 +190,9 @@ def test_help_groups_options_as_vllm_does() -> None:
         assert group in result.stdout
     stack = _serve(f"--help={STACK_GROUP}")
     assert "--drain-timeout-seconds" in stack.stdout and "--max-num-seqs" not in stack.stdout
+
+
+def test_every_refused_option_is_listed_in_the_serving_docs() -> None:
+    docs = (REPO / "docs" / "SERVING.md").read_text()
+    missing = [d for d in frontend.REFUSED if f"`--{d.replace('_', '-')}`" not in docs]
+    assert missing == []
