@@ -1,19 +1,21 @@
-"""Does DeepSpeed ZeRO train on CPU processes with this stack's torch? Prints per-step losses; asserts nothing.
+"""Does DeepSpeed ZeRO train on CPU processes with this stack's torch? Prints per-step losses; asserts
+nothing.
 
 One process (no launcher): a tiny random Llama (the test model's shapes) trained `--steps` AdamW steps on
 batch 4 of random token ids. Under `torchrun --nproc_per_node 2`: the same model, data and AdamW through
 `deepspeed.initialize` with ZeRO stage `--stage` (2: optimizer states and gradients partitioned; 3: the
 parameters too) over gloo, each process taking its half of every batch; the printed loss is the mean of the
-processes' losses, so it equals the one-process loss when ZeRO computes the same update. `--lora` trains a PEFT
-LoRA (rank 8, every projection) instead of every weight; `--gradient-checkpointing` checkpoints the layers
-with `train`'s own `enable_gradient_checkpointing`.
+processes' losses, so it equals the one-process loss when ZeRO computes the same update. `--lora` trains a
+PEFT LoRA (rank 8, every projection) instead of every weight; `--gradient-checkpointing` checkpoints the
+layers with `train`'s own `enable_gradient_checkpointing`.
 
 DeepSpeed is not in the serving environment; the probe was run from a side folder (see docs/TRAINING.md):
 
-    pip install --no-deps --no-build-isolation --target /tmp/ds-site deepspeed==0.19.8 hjson==3.1.0 msgpack==1.2.4
-    PYTHONPATH=/tmp/ds-site:$PWD DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python -m bench.deepspeed_probe
-    PYTHONPATH=/tmp/ds-site:$PWD DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 \\
-        torchrun --nproc_per_node 2 -m bench.deepspeed_probe --stage 3
+    pip install --no-deps --no-build-isolation --target /tmp/ds-site deepspeed==0.19.8
+    pip install --no-deps --target /tmp/ds-site hjson==3.1.0 msgpack==1.2.4
+    export PYTHONPATH=/tmp/ds-site:$PWD DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+    python -m bench.deepspeed_probe
+    torchrun --nproc_per_node 2 -m bench.deepspeed_probe --stage 3 --lora --gradient-checkpointing
 """
 
 from __future__ import annotations
