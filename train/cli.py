@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from accelerate import PartialState
@@ -18,6 +18,8 @@ from core.errors import ConfigError, StackError
 from core.models import read_config
 from train.config import LoraRecipe, load_recipe
 from train.memory import estimate_memory, format_estimate
+
+R = TypeVar("R", bound=BaseModel)
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +31,22 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Recipe YAML (s
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")]
 WorkOpt = Annotated[Path | None, typer.Option(help="Checkpoints and logs (default: <output>.work).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing output.")]
+CheckpointingOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in the backward (less memory, more compute). "
+        "Default: the recipe's loop.gradient_checkpointing, else off.",
+    ),
+]
+
+
+def _with_checkpointing(recipe: R, gradient_checkpointing: bool | None) -> R:
+    """`recipe` with the flag's loop.gradient_checkpointing, when the flag was given."""
+    if gradient_checkpointing is None:
+        return recipe
+    loop = recipe.loop.model_copy(update={"gradient_checkpointing": gradient_checkpointing})  # type: ignore[attr-defined]
+    return recipe.model_copy(update={"loop": loop})
 
 
 def _echo_result(result: BaseModel) -> None:
@@ -47,11 +65,12 @@ def lora(
     work_dir: WorkOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    gradient_checkpointing: CheckpointingOpt = None,
 ) -> None:
     """Fine-tune a LoRA adapter (loss on assistant tokens only) and write it as a `lora` artifact."""
     from train.lora import train_lora
 
-    recipe = load_recipe(config, LoraRecipe)
+    recipe = _with_checkpointing(load_recipe(config, LoraRecipe), gradient_checkpointing)
     result = train_lora(
         model,
         data,
@@ -84,6 +103,7 @@ def distill(
     ] = None,
     work_dir: WorkOpt = None,
     resume: ResumeOpt = False,
+    gradient_checkpointing: CheckpointingOpt = None,
 ) -> None:
     """Distil a teacher into a smaller student (plain model folder; `quantize distill` adds the manifest);
     flags override the recipe's settings."""
@@ -97,6 +117,7 @@ def distill(
         "compare_hard_labels": compare_hard_labels,
         "work_dir": work_dir,
         "resume": resume,
+        "loop": {"gradient_checkpointing": gradient_checkpointing},
     }
     if output.exists() and any(output.iterdir()):
         raise ConfigError(f"output {output} already exists and is not empty")
@@ -114,12 +135,13 @@ def qat(
     work_dir: WorkOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    gradient_checkpointing: CheckpointingOpt = None,
 ) -> None:
     """Quantization-aware training: fine-tune through fake-quantized weights (STE, learned group scales),
     then write a compressed-tensors artifact that `serve` loads, with its measured quality."""
     from train.qat import QatRecipe, train_qat
 
-    recipe = load_recipe(config, QatRecipe)
+    recipe = _with_checkpointing(load_recipe(config, QatRecipe), gradient_checkpointing)
     result = train_qat(model, data, output, recipe, work_dir=work_dir, resume=resume, overwrite=overwrite)
     _echo_result(result)
 
@@ -131,6 +153,9 @@ def estimate_memory_cmd(
     seq_len: Annotated[int, typer.Option(min=1)] = 512,
     batch: Annotated[int, typer.Option(min=1)] = 1,
     lora_rank: Annotated[int, typer.Option(min=1)] = 8,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Predict a run with gradient checkpointing (`predicted` in the output).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (bytes).")] = False,
 ) -> None:
     """Estimate training memory: weights, gradients, optimizer states, activations, logits, KV cache."""
@@ -143,7 +168,11 @@ def estimate_memory_cmd(
         batch=batch,
         lora_rank=lora_rank,
     )
-    typer.echo(json.dumps(estimate.as_dict(), indent=2) if as_json else format_estimate(estimate))
+    predicted = estimate.predicted(gradient_checkpointing=gradient_checkpointing)
+    if as_json:
+        typer.echo(json.dumps({**estimate.as_dict(), "predicted": predicted}, indent=2))
+    else:
+        typer.echo(f"{format_estimate(estimate)}\n{'predicted (MiB)':<26}{predicted / 2**20:>14.1f}")
 
 
 def main() -> None:

@@ -46,6 +46,14 @@ class LoopConfig(StrictModel):
         ),
     )
     seed: int = 0
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description=(
+            "Recompute each decoder layer's activations in the backward instead of keeping them "
+            "(non-reentrant torch checkpoint; the trained model only, never a frozen teacher): less memory, "
+            "about one more forward of compute."
+        ),
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval_every: int = Field(default=50, ge=0, description="Evaluate every N steps (0: only at the end).")
     early_stop_patience: int | None = Field(

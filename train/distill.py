@@ -136,6 +136,10 @@ class DistillResult(StrictModel):
     alerts: list[dict[str, Any]] = Field(
         default_factory=list, description="Loss spikes, skipped non-finite steps, rollbacks of the run."
     )
+    memory: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Gradient checkpointing on/off and checkpointed layers, peak memory (MiB) of the run.",
+    )
 
 
 class _StudentWithProjections(nn.Module):
@@ -351,6 +355,7 @@ def distill(config: DistillConfig, output_dir: Path) -> DistillResult:
         eval_samples=len(eval_data),
         stopped_early=result.stopped_early,
         alerts=result.alerts,
+        memory=result.memory,
     )
 
 

@@ -9,6 +9,8 @@ Invariants:
   loss curve step for step (on CPU, where kernels are deterministic).
 - A non-finite loss or gradient never reaches the optimizer; repeated ones roll back to the last checkpoint
   with a lower learning rate.
+- With `gradient_checkpointing` the trained model's decoder layers recompute their activations in the
+  backward (`train.activations`); the losses and gradients are those of the run without it (float noise).
 - Every step's loss, learning rate, gradient norm, throughput, MFU (where the peak is known) and memory, and
   every alert, go to the run's monitor (`train.monitor`: TensorBoard / offline W&B under the work folder);
   `history` itself stays free of timings, so it is the same whenever the run is repeated or resumed.
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from core.errors import StackError
+from train.activations import enable_gradient_checkpointing
 from train.checkpoint import (
     Checkpoint,
     gather_optimizer,
@@ -50,6 +53,7 @@ from train.checkpoint import (
 )
 from train.config import LoopConfig
 from train.guard import NonFiniteGuard, SpikeDetector
+from train.memory import MemoryEstimate
 from train.monitor import Monitor, is_alert
 from train.precision import resolve_precision
 from train.report import (
@@ -90,6 +94,8 @@ class TrainTask:
     eval_loss_fn: LossFn | None = None  # what eval/early stopping measure; defaults to loss_fn
     # parameter name -> multiple of optim.lr for that parameter (default 1): its own AdamW group
     lr_multiplier: Callable[[str], float] | None = None
+    # train.memory's prediction for this task (both variants); the run reports the one it trained with
+    memory_estimate: MemoryEstimate | None = None
 
 
 @dataclass
@@ -106,6 +112,9 @@ class TrainResult:
     alerts: list[dict[str, Any]]  # the events that need attention: spikes, skipped steps, rollbacks
     epochs: list[EpochStats]
     log_path: Path | None
+    # gradient_checkpointing, checkpointed_layers, peak_memory_mb (this process) and, where the task has
+    # one, estimated_memory_mb (train.memory's total for the chosen setting)
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,6 +186,10 @@ class _Run:
         set_seed(config.seed)
         self.precision = resolve_precision(config.precision, self.acc.device)
         self.scaler = self.precision.make_scaler()
+        # before prepare: FSDP2 shards the layers in place, and checkpointing wraps their __call__
+        self.checkpointed_layers = (
+            enable_gradient_checkpointing(task.model) if config.gradient_checkpointing else 0
+        )
         optim = config.optim
         optimizer = torch.optim.AdamW(
             _param_groups(task, optim.lr), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
@@ -501,6 +514,20 @@ class _Run:
         log.info("epoch %d: %s", epoch, stats)
         return stats
 
+    def _memory_summary(self) -> dict[str, Any]:
+        """Whether activations were checkpointed, this process's peak memory and, where the task has one,
+        the estimator's prediction for the setting trained with."""
+        summary: dict[str, Any] = {
+            "gradient_checkpointing": self.config.gradient_checkpointing,
+            "checkpointed_layers": self.checkpointed_layers,
+            "peak_memory_mb": round(peak_memory_mb(self.acc.device), 1),
+        }
+        estimate = self.task.memory_estimate
+        if estimate is not None:
+            predicted = estimate.predicted(gradient_checkpointing=self.config.gradient_checkpointing)
+            summary["estimated_memory_mb"] = round(predicted / 2**20, 1)
+        return summary
+
     def _finish(self, epochs: list[EpochStats], stopped_early: bool) -> TrainResult:
         state = self.state
         evals = state.evals
@@ -517,6 +544,7 @@ class _Run:
             alerts=[e for e in state.events if is_alert(e)],
             epochs=epochs,
             log_path=None,
+            memory=self._memory_summary(),
         )
         if self.acc.is_main_process:
             payload = {

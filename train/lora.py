@@ -29,11 +29,12 @@ from core.artifact import (
     tool_versions,
     write_artifact,
 )
-from core.models import load_causal_lm, load_tokenizer, resolve_model_dir
+from core.models import load_causal_lm, load_tokenizer, read_config, resolve_model_dir
 from train.checkpoint import gather_trainable, is_sharded
 from train.config import LoraRecipe
 from train.data import ChatData, collate, load_chat_jsonl, pad_token_id
 from train.loop import TrainTask, causal_lm_loss_sum, make_accelerator, train
+from train.memory import DEFAULT_LORA_TARGETS, MemoryEstimate, estimate_memory
 from train.report import LOG_NAME, PLOT_NAME
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class LoraResult(BaseModel):
     skipped_records: list[str]
     stopped_early: bool
     alerts: list[dict[str, Any]]  # loss spikes, skipped non-finite steps, rollbacks (see train.monitor)
+    memory: dict[str, Any]  # gradient checkpointing on/off, peak and estimated memory (train.loop)
 
 
 def default_work_dir(output: Path) -> Path:
@@ -65,6 +67,22 @@ def _split(data: ChatData, eval_data: ChatData | None, every: int) -> tuple[Chat
     train_idx = [i for i in range(len(data.examples)) if i not in set(held)]
     pick = lambda idx: ChatData([data.examples[i] for i in idx], [data.texts[i] for i in idx])  # noqa: E731
     return pick(train_idx), pick(held)
+
+
+def _memory_estimate(model: Path, recipe: LoraRecipe, data: ChatData) -> MemoryEstimate | None:
+    """train.memory's prediction at the longest training conversation (None where it cannot model the
+    target modules)."""
+    targets = tuple(recipe.lora.target_modules)
+    if not set(targets) <= set(DEFAULT_LORA_TARGETS) or not data.examples:
+        return None
+    return estimate_memory(
+        read_config(model),
+        method="lora",
+        seq_len=max(len(e.input_ids) for e in data.examples),
+        batch=recipe.loop.batch_size,
+        lora_rank=recipe.lora.rank,
+        lora_targets=targets,
+    )
 
 
 def train_lora(
@@ -114,6 +132,7 @@ def train_lora(
         eval_data=eval_set.examples,
         collate=lambda examples: collate(examples, pad_id),
         flops_per_token=6.0 * n_params,
+        memory_estimate=_memory_estimate(model, recipe, train_set),
     )
     work = work_dir or default_work_dir(output)
     if overwrite and not resume:  # a fresh run replacing an earlier output starts from no checkpoint
@@ -174,4 +193,5 @@ def train_lora(
         skipped_records=records.problems + (held_out.problems if held_out else []),
         stopped_early=result.stopped_early,
         alerts=result.alerts,
+        memory=result.memory,
     )

@@ -52,6 +52,10 @@ class MemoryEstimate:
             + self.logits
         )
 
+    def predicted(self, *, gradient_checkpointing: bool) -> int:
+        """The total for a run with or without gradient checkpointing."""
+        return self.total_checkpointed if gradient_checkpointing else self.total
+
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total, "total_checkpointed": self.total_checkpointed}
 

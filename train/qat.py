@@ -148,6 +148,7 @@ class QatResult(BaseModel):
     validation_texts: int
     stopped_early: bool
     alerts: list[dict[str, Any]]  # loss spikes, skipped non-finite steps, rollbacks (see train.monitor)
+    memory: dict[str, Any]  # gradient checkpointing on/off, peak memory of the run (train.loop)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -499,6 +500,7 @@ def train_qat(
         validation_texts=len(validation),
         stopped_early=result.stopped_early,
         alerts=result.alerts,
+        memory=result.memory,
     )
 
 

@@ -139,7 +139,9 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs: Runs) -> None:
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate is not installed next to this interpreter")
 def test_two_process_fsdp_distillation_writes_the_whole_student(runs: Runs) -> None:
     """Full fine-tuning under FSDP: the student written at the end is gathered whole and equals the one
-    process run's (same losses; weights to fp32 reduction-order noise)."""
+    process run's (same losses; weights to fp32 reduction-order noise). The FSDP run checkpoints its
+    activations (`--gradient-checkpointing`, recomputed inside FSDP2's per-layer unshard), the one-process run
+    keeps them: checkpointing changes neither the losses nor the weights."""
     from safetensors.torch import load_file
 
     recipe = {
@@ -150,14 +152,20 @@ def test_two_process_fsdp_distillation_writes_the_whole_student(runs: Runs) -> N
     }
     outputs = {}
     one_process = [sys.executable, "-m", "train.cli"]
-    for name, batch, launcher in (("kd_fsdp", 4, FSDP_LAUNCH), ("kd_single", 8, one_process)):
+    runs_ = (("kd_fsdp", 4, FSDP_LAUNCH, "--gradient-checkpointing"), ("kd_single", 8, one_process, None))
+    for name, batch, launcher, checkpointing in runs_:
         path = runs.root / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**recipe, "loop": {**recipe["loop"], "batch_size": batch}}))
         outputs[name] = runs.root / name
         flags = ["--teacher", str(runs.model), "--output", str(outputs[name]), "--config", str(path)]
+        flags += [checkpointing] if checkpointing else []
         _run([*launcher, "distill", *flags, "--student-layers", "1"], runs.root)
     fsdp, single = outputs["kd_fsdp"], outputs["kd_single"]
     assert _log(fsdp)["distributed"] == "FSDP"
+    assert (
+        _log(fsdp)["memory"]["checkpointed_layers"] == 1
+        and _log(single)["memory"]["checkpointed_layers"] == 0
+    )
     assert _losses(fsdp) == pytest.approx(_losses(single), rel=1e-5)
     got, want = load_file(fsdp / "model.safetensors"), load_file(single / "model.safetensors")
     assert got.keys() == want.keys()
