@@ -1,5 +1,5 @@
-"""The engine supervisor (serve.engine.supervisor) on fake engines: a dead engine is replaced in place with its
-adapters, a hung one (busy, no output) is killed and replaced while a slow but progressing one is not, new
+"""The engine supervisor (serve.engine.supervisor) on fake engines: a dead engine is replaced in place with
+its adapters, a hung one (busy, no output) is killed and replaced while a slow but progressing one is not, new
 requests get 503 `engine_restarting` or wait for the new engine, and a crash loop or a configuration error
 gives up (the CLI then exits). The real thing (`kill -9`, SIGSTOP of vLLM's engine core) is
 tests/e2e/test_engine_death.py."""
@@ -227,7 +227,7 @@ async def test_a_crash_loop_gives_up_after_engine_restart_max_failures(
 async def test_failures_outside_the_window_do_not_count(
     factory: Factory, tokenizer: Any, clock: list[float]
 ) -> None:
-    supervised, first = make(factory, tokenizer, clock, max_failures=1, window_seconds=60.0)
+    supervised, _ = make(factory, tokenizer, clock, max_failures=1, window_seconds=60.0)
     for _ in range(3):
         engine = supervised._engine
         assert isinstance(engine, Engine)
@@ -257,7 +257,8 @@ async def test_probes_show_the_engine_state(factory: Factory, tokenizer: Any, cl
     supervised, first = make(factory, tokenizer, clock, max_failures=1)
     app = build_app(ServeSettings(model="/models/fake", served_model_name="fake"), supervised)
     factory.gate = threading.Event()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app, raise_app_exceptions=False), base_url="http://test") as client:
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)  # errors become responses
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         ready = await client.get("/ready")
         assert ready.status_code == 200 and ready.json()["engine"]["state"] == "running"
         first.dead = True
@@ -308,7 +309,8 @@ async def test_the_server_exits_once_the_supervisor_gives_up(
     await supervised.wait_settled()
     await server.on_tick(3)
     assert server.engine_died and state.engine_dead  # type: ignore[attr-defined]
-    assert "1 engine failures within 300 s" in server.engine_failure and "exit code 1" in server.engine_failure
+    assert "1 engine failures within 300 s" in server.engine_failure
+    assert "exit code 1" in server.engine_failure
     assert factory.calls == 0, "--engine-restart-max 0: no restart at all"
     now[0] += cli.ENGINE_DEAD_MIN_LINGER_SECONDS + 0.1
     assert await server.on_tick(4)
