@@ -64,6 +64,8 @@ def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | Non
     async def engine_problem() -> OpenAIError | None:
         """None while the engine runs. A restarting engine is 503 `engine_restarting`; a dead one 503
         `engine_dead`, and for good (`state.engine_dead`) unless a supervisor is replacing it."""
+        if supervisor is not None:
+            await supervisor.watch()  # a death the watchdog has not seen yet starts its replacement now
         try:
             await state.engine.check_health()
         except EngineUnavailable as exc:

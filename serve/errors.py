@@ -146,6 +146,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(StackError, on_openai_error)
+    app.add_exception_handler(EngineUnavailable, on_openai_error)  # expected while restarting: no traceback
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_openai_error)

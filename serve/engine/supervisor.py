@@ -238,8 +238,8 @@ class EngineSupervisor:
             self._begin_restart("died", cause)
             return
         if (hang := self._hang(engine)) is not None:
-            self._kill_cores(engine)
-            self._begin_restart("hung", hang)
+            killed = self._kill_cores(engine)
+            self._begin_restart("hung", f"{hang}; SIGKILL sent to {killed or 'no process'}")
 
     async def wait_settled(self) -> None:
         """Until no restart is under way (tests; the restart itself runs as a task)."""
@@ -269,13 +269,16 @@ class EngineSupervisor:
         core_processes = getattr(engine, "core_processes", None)
         return list(core_processes()) if core_processes is not None else []
 
-    def _kill_cores(self, engine: Engine) -> None:
+    def _kill_cores(self, engine: Engine) -> str:
         """SIGKILL every engine core process still alive (a stopped process dies of it too); the engine then
-        sees its core die and fails the requests in flight, as after any death."""
+        sees its core die and fails the requests in flight, as after any death. Says which were killed."""
+        killed = []
         for proc in self._processes(engine):
             if proc.exitcode is None and proc.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(f"{proc.name} pid {proc.pid}")
+        return ", ".join(killed)
 
     def _unavailable(self) -> EngineUnavailable:
         if self.state is EngineState.FAILED:

@@ -200,7 +200,9 @@ async def test_a_busy_engine_without_output_is_hung_a_slow_one_with_output_is_no
     assert supervised.state is EngineState.RESTARTING
     assert killed == [(1000, 9)], "the hung engine core is killed (SIGKILL works on a stopped process)"
     assert restarts("hung") == hung_before + 1
-    assert "no output for 5.1 s with 1 requests in flight" in (supervised.last_event or "")
+    assert "no output for 5.1 s with 1 requests in flight; SIGKILL sent to EngineCore pid 1000" in (
+        supervised.last_event or ""
+    )
     await supervised.wait_settled()
     assert supervised.state is EngineState.RUNNING
 
