@@ -79,7 +79,7 @@ ENGINE_RESTARTS = Counter(
     "Engine replacements by cause: its core process died, or hung (no output while busy)",
     ["reason"],
 )
-for _reason in ("died", "hung"):  # both series exist from the start (0), so a dashboard shows 0, not "no data"
+for _reason in ("died", "hung"):  # both series exist from the start (0): a dashboard shows 0, not no data
     ENGINE_RESTARTS.labels(_reason)
 LORA_ADAPTERS_LOADED = Gauge("llmstack:lora_adapters_loaded", "LoRA adapters known to the server")
 IGNORED_REQUEST_FIELDS = Counter(
