@@ -231,10 +231,16 @@ class EngineSupervisor:
         if self.state is not EngineState.RUNNING:
             return
         engine = self._engine
+        procs = self._processes(engine)
         try:
+            # An exited core process is a death even before the engine says so: with data parallel, vLLM
+            # first stops the other ranks (seconds) and only then marks itself dead.
+            exited = [p for p in procs if p.exitcode is not None]
+            if exited:
+                raise RuntimeError("an engine core process exited")
             await engine.check_health()
         except Exception as exc:
-            cause = describe_exit(self._processes(engine)) or f"{type(exc).__name__}: {exc}"
+            cause = describe_exit(exited or procs) or f"{type(exc).__name__}: {exc}"
             self._begin_restart("died", cause)
             return
         if (hang := self._hang(engine)) is not None:

@@ -316,3 +316,16 @@ async def test_the_server_exits_once_the_supervisor_gives_up(
     assert factory.calls == 0, "--engine-restart-max 0: no restart at all"
     now[0] += cli.ENGINE_DEAD_MIN_LINGER_SECONDS + 0.1
     assert await server.on_tick(4)
+
+
+@pytest.mark.anyio
+async def test_an_exited_core_process_is_a_death_before_the_engine_says_so(
+    factory: Factory, tokenizer: Any, clock: list[float]
+) -> None:
+    """With data parallel, vLLM stops the other ranks before it marks itself dead (seconds)."""
+    supervised, first = make(factory, tokenizer, clock)
+    first.core.exitcode = -9  # check_health still passes
+    await supervised.watch()
+    assert supervised.state is EngineState.RESTARTING
+    assert supervised.last_event == "died: EngineCore pid 1000 killed by SIGKILL"
+    await supervised.wait_settled()
