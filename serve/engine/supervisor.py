@@ -210,7 +210,7 @@ class EngineSupervisor:
     def shutdown(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        self._engine.shutdown()
+        _retire(self._engine)
 
     # -- supervision ---------------------------------------------------------------------------------------
 
