@@ -7,14 +7,23 @@ is in `app.state.server` (a `ServerState`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 
 from adapters.routing import BaseModelRouter, ModelRouter
 from serve import metrics
 from serve.engine.protocol import Engine
-from serve.errors import OpenAIError, engine_dead_error, error_response, install_error_handlers
+from serve.engine.supervisor import EngineState, EngineSupervisor, EngineUnavailable
+from serve.errors import (
+    OpenAIError,
+    as_openai_error,
+    engine_dead_error,
+    error_response,
+    install_error_handlers,
+)
 from serve.middleware import APIMiddleware
 from serve.openai.adapters.router import router as adapters_router
 from serve.openai.chat.router import router as chat_router
@@ -66,29 +75,49 @@ def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | Non
     app.include_router(version_router)
     app.include_router(tgi_router)
 
+    supervisor = engine if isinstance(engine, EngineSupervisor) else None
+
     async def engine_problem() -> OpenAIError | None:
-        """None while the engine is alive; once it is dead (for good), the 503 and `state.engine_dead`."""
+        """None while the engine runs. A restarting engine is 503 `engine_restarting`; a dead one 503
+        `engine_dead`, and for good (`state.engine_dead`) unless a supervisor is replacing it."""
+        if supervisor is not None:
+            await supervisor.watch()  # a death the watchdog has not seen yet starts its replacement now
         try:
             await state.engine.check_health()
+        except EngineUnavailable as exc:
+            state.engine_dead = exc.state is EngineState.FAILED
+            return as_openai_error(exc)
         except Exception as exc:
-            state.engine_dead = True
+            state.engine_dead = supervisor is None
             return engine_dead_error(f"engine is not healthy: {exc}")
         return None
 
+    def probe_response(problem: OpenAIError | None) -> Response:
+        """The probe's answer; with a supervisor the body also holds the engine's state."""
+        body: dict[str, Any] = problem.body() if problem else {"status": "ok"}
+        if supervisor is None:
+            return error_response(problem) if problem else Response(status_code=200)
+        body["engine"] = supervisor.status()
+        if problem is None:
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=problem.status, headers=problem.headers)
+
     @app.get("/health")
     async def health() -> Response:
-        """Liveness: 200 while the engine is alive (also while draining)."""
+        """Liveness: 200 while the engine is alive or being replaced (also while draining); 503 once dead
+        for good."""
         problem = await engine_problem()
-        return error_response(problem) if problem else Response(status_code=200)
+        if problem is not None and problem.code == "engine_restarting":
+            problem = None  # the process is alive and healing itself
+        return probe_response(problem)
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Readiness: 200 only while the engine is alive and the server is not draining."""
-        if problem := await engine_problem():
-            return error_response(problem)
-        if state.draining:
-            return error_response(OpenAIError(503, "server is shutting down", code="draining"))
-        return Response(status_code=200)
+        """Readiness: 200 only while the engine runs and the server is not draining."""
+        problem = await engine_problem()
+        if problem is None and state.draining:
+            problem = OpenAIError(503, "server is shutting down", code="draining")
+        return probe_response(problem)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:

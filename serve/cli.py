@@ -24,6 +24,7 @@ from uvicorn.loops.auto import auto_loop_factory
 from core.config import describe_validation_error
 from core.errors import StackError
 from serve.engine import cpu_env
+from serve.engine.supervisor import EngineState, EngineSupervisor, RestartPolicy
 from serve.settings import ServeSettings, parse_settings
 
 if TYPE_CHECKING:
@@ -48,16 +49,30 @@ ENGINE_DEAD_EXIT_CODE = 1
 
 
 class EngineDiedError(RuntimeError):
-    """The engine died while serving; the process exits non-zero so that its supervisor restarts it."""
+    """The engine died for good while serving; the process exits non-zero so that its supervisor restarts
+    it."""
+
+
+def restart_policy(settings: ServeSettings) -> RestartPolicy:
+    """The engine supervisor's policy from the `--engine-*` flags."""
+    return RestartPolicy(
+        max_failures=settings.engine_restart_max,
+        window_seconds=settings.engine_restart_window_seconds,
+        backoff_seconds=settings.engine_restart_backoff_seconds,
+        hang_timeout_seconds=settings.engine_hang_timeout_seconds,
+        wait_seconds=settings.engine_wait_seconds,
+    )
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that
     - SIGTERM/SIGINT start a drain instead of closing the listening socket at once: the app answers 503 while
       in-flight requests finish, then the server stops (a second signal: at once);
-    - a watchdog checks the engine every tick (0.1 s): once it is dead, `state.engine_dead` makes /ready and
-      new requests answer 503 engine_dead, and the server stops within ENGINE_DEAD_MAX_LINGER_SECONDS with
-      `engine_died` set (vLLM's AsyncLLM marks itself dead as soon as its engine core process exits)."""
+    - a watchdog looks at the engine every tick (0.1 s). A supervised engine (`EngineSupervisor`) replaces
+      a dead or hung engine itself; once it is dead for good (a plain engine: dead; a supervisor: gave up),
+      `state.engine_dead` makes /ready and new requests answer 503 engine_dead, and the server stops within
+      ENGINE_DEAD_MAX_LINGER_SECONDS with `engine_died` set (vLLM's AsyncLLM marks itself dead as soon as its
+      engine core process exits)."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
         super().__init__(config)
@@ -65,6 +80,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_timeout = drain_timeout
         self._drain_started: float | None = None
         self._engine_died_at: float | None = None
+        self.engine_failure = ""
 
     @property
     def engine_died(self) -> bool:
@@ -82,15 +98,23 @@ class DrainingServer(uvicorn.Server):
     async def _watch_engine(self) -> None:
         if self._engine_died_at is not None:
             return
-        try:
-            await self._state.engine.check_health()
-            if not self._state.engine_dead:
+        engine = self._state.engine
+        if isinstance(engine, EngineSupervisor):  # it replaces a dead or hung engine; exit once it gives up
+            await engine.watch()
+            if engine.state is not EngineState.FAILED:
                 return
-            reason = "reported by a health check"
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = engine.failure or "the engine supervisor gave up"
+        else:
+            try:
+                await engine.check_health()
+                if not self._state.engine_dead:
+                    return
+                reason = "reported by a health check"
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
         self._engine_died_at = time.monotonic()
         self._state.engine_dead = True
+        self.engine_failure = " ".join(reason.split())
         log.error(
             "the engine died (%s): /ready and new requests answer 503 engine_dead; exiting with status %d "
             "within %.0f s so that a supervisor restarts the server",
@@ -191,7 +215,13 @@ async def _serve(settings: ServeSettings, model_dir: Path) -> None:
         if not path.is_dir():
             raise StackError(f"LoRA adapter {name!r}: {path} is not a folder")
     specs = settings.adapter_specs()
-    engine = VLLMEngine.start(settings, model_dir)
+    started = time.monotonic()
+    engine = EngineSupervisor(
+        lambda: VLLMEngine.start(settings, model_dir),  # a replacement starts with the same settings
+        VLLMEngine.start(settings, model_dir),
+        restart_policy(settings),
+        start_seconds=time.monotonic() - started,
+    )
     try:
         app = build_app(settings, engine, await start_router(settings, model_dir, engine, router, specs))
         config = uvicorn_config(app, settings)
@@ -207,7 +237,8 @@ async def _serve(settings: ServeSettings, model_dir: Path) -> None:
         print(f"serve: {router.base_name} at {url}", flush=True)  # noqa: T201  (the CLI's one line of output)
         await server.serve()
         if server.engine_died:
-            raise EngineDiedError("the engine died while serving (see the log above); exiting for a restart")
+            why = server.engine_failure
+            raise EngineDiedError(f"the engine died for good ({why}); exiting for a restart")
     finally:
         engine.shutdown()
 

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.routing import ModelNotFound
 from core.config import describe_problems
 from core.errors import StackError
+from serve.engine.supervisor import EngineState, EngineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +70,26 @@ def sse_error_frame(err: OpenAIError) -> str:
     return f"data: {json.dumps(err.body())}\n\n"
 
 
-# Sent with 503 engine_dead: the process exits and its supervisor restarts it (serve.cli), which takes tens
-# of seconds; a client retrying sooner meets a refused connection or another instance.
+# Sent with 503 engine_dead: the engine died under the request; a new one starts in this process (or, once
+# restarts are exhausted, the process exits and its supervisor restarts it), which takes seconds to tens of
+# seconds.
 ENGINE_DEAD_RETRY_AFTER_SECONDS = 10
 
 
 def engine_dead_error(detail: str = "the inference engine died") -> OpenAIError:
-    """503 `engine_dead`: the engine is gone for good; this server is about to exit and be restarted."""
+    """503 `engine_dead`: the engine died under this request (retryable: a new engine is on its way)."""
     return OpenAIError(
         503,
-        f"{detail}; the server is restarting, retry later",
+        f"{detail}; the engine is being restarted, retry later",
         code="engine_dead",
         headers={"Retry-After": str(ENGINE_DEAD_RETRY_AFTER_SECONDS)},
     )
+
+
+def engine_unavailable_error(exc: EngineUnavailable) -> OpenAIError:
+    """503 `engine_restarting` while a new engine starts, `engine_dead` once none will; with Retry-After."""
+    code = "engine_dead" if exc.state is EngineState.FAILED else "engine_restarting"
+    return OpenAIError(503, str(exc), code=code, headers={"Retry-After": str(exc.retry_after)})
 
 
 def is_engine_dead(exc: BaseException) -> bool:
@@ -91,12 +99,14 @@ def is_engine_dead(exc: BaseException) -> bool:
 
 
 def as_openai_error(exc: BaseException) -> OpenAIError:
-    """Our own errors keep their status; user errors from `core` are 400; a dead engine is 503 `engine_dead`
-    (with Retry-After); anything else is a 500."""
+    """Our own errors keep their status; user errors from `core` are 400; a dead or restarting engine is 503
+    `engine_dead`/`engine_restarting` (with Retry-After); anything else is a 500."""
     if isinstance(exc, OpenAIError):
         return exc
     if is_engine_dead(exc):
         return engine_dead_error()
+    if isinstance(exc, EngineUnavailable):
+        return engine_unavailable_error(exc)
     if isinstance(exc, ModelNotFound):
         return OpenAIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, StackError):
@@ -136,6 +146,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(StackError, on_openai_error)
+    app.add_exception_handler(EngineUnavailable, on_openai_error)  # expected while restarting: no traceback
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_openai_error)

@@ -74,6 +74,13 @@ ENGINE_REQUESTS_WAITING = Gauge(
 ENGINE_REQUESTS_FINISHED = Counter(
     "llmstack:engine_requests_finished", "Requests the engine rank finished (any reason)", ["engine"]
 )
+ENGINE_RESTARTS = Counter(
+    "llmstack:engine_restarts",
+    "Engine replacements by cause: its core process died, or hung (no output while busy)",
+    ["reason"],
+)
+for _reason in ("died", "hung"):  # both series exist from the start (0): a dashboard shows 0, not no data
+    ENGINE_RESTARTS.labels(_reason)
 LORA_ADAPTERS_LOADED = Gauge("llmstack:lora_adapters_loaded", "LoRA adapters known to the server")
 IGNORED_REQUEST_FIELDS = Counter(
     "llmstack:ignored_request_fields",

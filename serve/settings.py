@@ -70,6 +70,27 @@ class ServeSettings(StackSettings):
     drain_timeout_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish before exit"
     )
+    engine_restart_max: int = Field(
+        3,
+        ge=0,
+        description="engine failures (death, hang, failed restart) tolerated within "
+        "--engine-restart-window-seconds; one more and the server exits non-zero (0: exit at the first)",
+    )
+    engine_restart_window_seconds: float = Field(
+        300.0, gt=0, description="the window over which engine failures are counted"
+    )
+    engine_restart_backoff_seconds: float = Field(
+        1.0, ge=0, description="wait before replacing the engine, doubled per failure in the window (max 30s)"
+    )
+    engine_hang_timeout_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="an engine with requests in flight and no output for this long is hung: killed and "
+        "replaced (0: off; long requests are fine as long as tokens come)",
+    )
+    engine_wait_seconds: float = Field(
+        0.0, ge=0, description="while the engine is replaced: how long a new request waits for it before 503"
+    )
     metrics_max_model_labels: int = Field(
         16, ge=1, description="distinct adapter names as metric labels; more are labelled `other`"
     )

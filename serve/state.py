@@ -29,7 +29,9 @@ class ServerState:
     model_labels: metrics.BoundedLabels
     key_labels: metrics.BoundedLabels
     draining: bool = False
-    engine_dead: bool = False  # set by the CLI's engine watchdog (serve.cli): the process is about to exit
+    # Dead for good (a plain engine died, or the supervisor gave up): the process is about to exit. A restart
+    # in progress is not this: the supervisor (serve.engine.supervisor) answers for the engine meanwhile.
+    engine_dead: bool = False
     in_flight: int = 0
 
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from serve.engine.protocol import ChoiceDelta, EngineOutput, TokenLogprob, TokenTiming
 
 if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
     from transformers import PreTrainedTokenizerBase
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.logprobs import Logprob
@@ -40,6 +43,7 @@ class _SchedulerStats:
 
     def __init__(self) -> None:
         self.kv_cache_usage_by_rank: dict[int, float] = {}
+        self.last_output = 0.0  # time.monotonic() of the last engine output (any rank): progress
 
     @property
     def kv_cache_usage(self) -> float | None:
@@ -62,6 +66,7 @@ class _SchedulerStats:
                 self._finished = metrics.ENGINE_REQUESTS_FINISHED.labels(rank)
 
             def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                holder.last_output = time.monotonic()
                 if scheduler_stats is not None:
                     usage = float(scheduler_stats.kv_cache_usage)
                     holder.kv_cache_usage_by_rank[engine_index] = usage
@@ -161,7 +166,21 @@ class VLLMEngine:
     def kv_cache_usage(self) -> float | None:
         return self._stats.kv_cache_usage
 
+    def core_processes(self) -> list[BaseProcess]:
+        """The engine core processes (one per local data-parallel rank), for supervision."""
+        manager = getattr(self._llm.engine_core.resources, "engine_manager", None)
+        return list(getattr(manager, "processes", None) or [])
+
+    def activity(self) -> tuple[int, float]:
+        """(unfinished requests, monotonic time of the last engine output): a hang is no output while busy."""
+        return self._llm.output_processor.get_num_unfinished_requests(), self._stats.last_output
+
     def shutdown(self) -> None:
+        """Stop the engine; a request still waiting on it ends with vLLM's `EngineDeadError` (a dead engine's
+        requests would otherwise wait forever once its output handler is cancelled)."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._llm.output_processor.propagate_error(EngineDeadError())
         self._llm.shutdown()
 
 

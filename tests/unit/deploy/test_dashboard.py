@@ -60,7 +60,7 @@ def test_exported_names_cover_the_fixed_list() -> None:
         "llmstack:request_prompt_tokens_bucket", "llmstack:request_generation_tokens_bucket",
         "llmstack:prompt_tokens_total", "llmstack:generation_tokens_total",
         "llmstack:num_requests_running", "llmstack:num_requests_waiting",
-        "llmstack:kv_cache_usage_perc", "llmstack:lora_adapters_loaded",
+        "llmstack:kv_cache_usage_perc", "llmstack:lora_adapters_loaded", "llmstack:engine_restarts_total",
     }  # fmt: skip
     assert fixed <= exported_series_names()
 

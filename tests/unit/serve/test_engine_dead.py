@@ -1,7 +1,9 @@
-"""A dead engine, on the HTTP layer and the CLI's watchdog (fast; the real thing, `kill -9` of vLLM's engine
-core, is tests/e2e/test_engine_death.py): vLLM's `EngineDeadError` is 503 `engine_dead` with Retry-After
-wherever it surfaces, /ready and /health turn 503, new requests are refused before they reach the engine, and
-the watchdog stops the server (non-zero exit) within its linger bounds."""
+"""An engine dead for good, on the HTTP layer and the CLI's watchdog, without the supervisor (an app built on
+a plain engine, as with `--engine-restart-max 0` once the supervisor gives up; the supervised path is
+tests/unit/serve/test_engine_supervisor.py, the real thing tests/e2e/test_engine_death.py): vLLM's
+`EngineDeadError` is 503 `engine_dead` with Retry-After wherever it surfaces, /ready and /health turn 503,
+new requests are refused before they reach the engine, and the watchdog stops the server (non-zero exit)
+within its linger bounds."""
 
 from __future__ import annotations
 
