@@ -55,6 +55,10 @@ HONOURED: dict[str, str] = {
     "root_path": "FastAPI's root_path behind a path-routing proxy (serve.app)",
     "h11_max_incomplete_event_size": "uvicorn's h11 limit (serve.cli)",
     "h11_max_header_count": "uvicorn's h11 limit (serve.cli)",
+    "response_role": "the role of chat answers (chat endpoint)",
+    "enable_request_id_headers": "X-Request-Id on API responses, the client's if it sent one (middleware)",
+    "enable_force_include_usage": "every stream ends with a usage chunk (pipeline)",
+    "exclude_tools_when_tool_choice_none": 'tool_choice "none" renders no tools (chat tools plan)',
     "disable_fastapi_docs": "no FastAPI docs pages are served here (the flag's effect is the default)",
 }
 
@@ -81,13 +85,10 @@ REFUSED: dict[str, str] = {
     "tool_strict_level": "tool-call grammars here follow tool_choice (auto: parsed, required/named: schema)",
     "chat_template_content_format": "message content is always rendered as a string here",
     "trust_request_chat_template": "a request's own chat_template is not accepted here",
-    "response_role": "answers always carry the role 'assistant' here",
     "return_tokens_as_token_ids": "logprob tokens are always their text here",
-    "exclude_tools_when_tool_choice_none": "not implemented yet",
     "max_log_len": "this server does not log prompts",
     "enable_per_request_metrics": "per-request timings are exported as Prometheus histograms instead",
     "enable_server_load_tracking": "load is exported on /metrics (llmstack:requests_in_flight) instead",
-    "enable_force_include_usage": "not implemented yet (ask for usage with stream_options.include_usage)",
     "sse_keep_alive_interval": "not implemented yet",
     "enable_tokenizer_info_endpoint": "no /tokenizer_info endpoint here",
     "enable_log_outputs": "this server does not log outputs",
@@ -98,7 +99,6 @@ REFUSED: dict[str, str] = {
     "fingerprint_value": "system_fingerprint is not sent here",
     "disable_access_log_for_endpoints": "not implemented yet (--disable-uvicorn-access-log turns it off)",
     "middleware": "extra ASGI middleware is not loaded here",
-    "enable_request_id_headers": "not implemented yet",
     "enable_ssl_refresh": "TLS files are read once at start",
     "data_parallel_multi_port_external_lb": "one API server fronts every data-parallel rank here",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,12 @@ class APIMiddleware:
         self.app = app
         self.state = state
 
+    @staticmethod
+    def _request_id(scope: Scope) -> bytes:
+        """vLLM's `--enable-request-id-headers`: the client's X-Request-Id, else a new one."""
+        given = dict(scope.get("headers") or ()).get(b"x-request-id")
+        return given if given else uuid.uuid4().hex.encode()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -50,10 +57,14 @@ class APIMiddleware:
         scope.setdefault("state", {})["cleanup"] = cleanup
         scope["state"]["model"] = ""
 
+        request_id = self._request_id(scope) if self.state.request_id_headers else None
+
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 status["started"] = True
+                if request_id is not None:
+                    message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
             await send(message)
 
         limit = self.state.settings.max_request_body_bytes

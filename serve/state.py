@@ -65,6 +65,26 @@ class ServerState:
         return bool(getattr(self.settings.vllm, "enable_prompt_tokens_details", False))
 
     @cached_property
+    def force_include_usage(self) -> bool:
+        """`--enable-force-include-usage`: every stream ends with a usage chunk, asked for or not."""
+        return bool(getattr(self.settings.vllm, "enable_force_include_usage", False))
+
+    @cached_property
+    def response_role(self) -> str:
+        """`--response-role`: the role of chat answers (vLLM's default: assistant)."""
+        return str(getattr(self.settings.vllm, "response_role", None) or "assistant")
+
+    @cached_property
+    def exclude_tools_when_none(self) -> bool:
+        """`--exclude-tools-when-tool-choice-none`: tool_choice "none" renders no tools into the prompt."""
+        return bool(getattr(self.settings.vllm, "exclude_tools_when_tool_choice_none", False))
+
+    @cached_property
+    def request_id_headers(self) -> bool:
+        """`--enable-request-id-headers`: API responses carry X-Request-Id."""
+        return bool(getattr(self.settings.vllm, "enable_request_id_headers", False))
+
+    @cached_property
     def vocab_size(self) -> int:
         """Token ids a request may name are in [0, vocab_size) (the tokenizer's, added tokens included)."""
         return len(self.engine.tokenizer)

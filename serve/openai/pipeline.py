@@ -393,7 +393,7 @@ async def respond(
                 choices,
                 slot,
                 envelope,
-                include_usage=include_usage,
+                include_usage=include_usage or gen.state.force_include_usage,
                 continuous_usage=continuous_usage,
                 outputs=outputs,
             )

@@ -3,7 +3,9 @@
 One server for the module, started with a `vllm serve`-style command line (positional model) that sets:
 `--served-model-name` with two names, `--max-logprobs`, `--enable-prefix-caching` with
 `--enable-prompt-tokens-details`, `--chat-template`, `--generation-config vllm` with
-`--override-generation-config`, n-gram `--speculative-config`, `--kv-cache-dtype fp8` and `--max-num-seqs 1`.
+`--override-generation-config`, n-gram `--speculative-config`, `--kv-cache-dtype fp8`, `--max-num-seqs 1`,
+`--response-role`, `--enable-force-include-usage`, `--exclude-tools-when-tool-choice-none` and
+`--enable-request-id-headers`.
 The model's own generation_config.json asks for 12 new tokens, so a default of 3 shows that vLLM's
 `--generation-config vllm` ignored it and the override applied.
 """
@@ -29,6 +31,10 @@ from tests.support.server import RunningServer, start_server
 NAMES = ("tiny-main", "tiny-alias")
 TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}<<assistant>>"
 OVERRIDE_MAX_TOKENS = 3
+ROLE = "answerer"
+TOOLS = [
+    {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +69,10 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--speculative-config", json.dumps(speculative),
         "--kv-cache-dtype", "fp8",
         "--max-num-seqs", "1",
+        "--response-role", ROLE,
+        "--enable-force-include-usage",
+        "--exclude-tools-when-tool-choice-none",
+        "--enable-request-id-headers",
     ]  # fmt: skip
     # start_server passes `--model`; the positional form is covered by the unit tests of the parser
     with start_server(model_dir, *args, log_dir=folder) as running:
@@ -154,3 +164,34 @@ def test_max_num_seqs_one_runs_one_request_at_a_time(server: RunningServer, clie
     for thread in threads:
         thread.join()
     assert max(running) == 1 and max(waiting) >= 1, (running, waiting)
+
+
+def _chat(server: RunningServer, **body: Any) -> httpx.Response:
+    body = {"model": NAMES[0], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **body}
+    return httpx.post(f"{server.openai_url}/chat/completions", json=body, timeout=60)
+
+
+def test_response_role_names_the_answers_role(server: RunningServer) -> None:
+    assert _chat(server).json()["choices"][0]["message"]["role"] == ROLE
+    streamed = _chat(server, stream=True).text
+    first = json.loads(streamed.split("data: ", 2)[1])
+    assert first["choices"][0]["delta"]["role"] == ROLE
+
+
+def test_force_include_usage_ends_every_stream_with_usage(server: RunningServer) -> None:
+    frames = [f for f in _chat(server, stream=True).text.split("\n\n") if f.startswith("data: {")]
+    last = json.loads(frames[-1].removeprefix("data: "))
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] >= 1
+
+
+def test_tool_choice_none_renders_no_tools(server: RunningServer) -> None:
+    plain = _chat(server).json()["usage"]["prompt_tokens"]
+    none = _chat(server, tools=TOOLS, tool_choice="none").json()["usage"]["prompt_tokens"]
+    auto = _chat(server, tools=TOOLS, tool_choice="auto").json()["usage"]["prompt_tokens"]
+    assert none == plain < auto  # "auto" renders the tools; "none" leaves them out
+
+
+def test_request_id_headers(server: RunningServer) -> None:
+    assert len(_chat(server).headers["x-request-id"]) == 32
+    given = httpx.get(f"{server.openai_url}/models", headers={"X-Request-Id": "abc-123"}, timeout=30)
+    assert given.headers["x-request-id"] == "abc-123"

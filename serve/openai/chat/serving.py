@@ -48,13 +48,14 @@ class ChatChoice:
         self._plan = plan
         self._tokenizer = state.engine.tokenizer
         self._echo = echo
+        self._role = state.response_role
         self._text: list[str] = []
         self._logprobs: list[TokenLogprob] = []
         self._finish: str | None = None
         self._tools: ToolStream | None = None
 
     def start(self) -> list[dict[str, Any]]:
-        delta: dict[str, Any] = {"role": "assistant", "content": self._echo}
+        delta: dict[str, Any] = {"role": self._role, "content": self._echo}
         return [{"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}]
 
     def update(self, delta: ChoiceDelta, output: EngineOutput, streaming: bool) -> list[dict[str, Any]]:
@@ -91,7 +92,7 @@ class ChatChoice:
         text = "".join(self._text)
         finish = self._finish
         parsed = parse_final(self._plan, text, self._tokenizer, truncated=finish == "length")
-        message: dict[str, Any] = {"role": "assistant", "content": _with_echo(self._echo, parsed)}
+        message: dict[str, Any] = {"role": self._role, "content": _with_echo(self._echo, parsed)}
         if parsed.tool_calls:
             message["tool_calls"] = parsed.tool_calls
             finish = "tool_calls"
@@ -116,7 +117,7 @@ def prepare(
     answer (vLLM's `echo`: the final message's content when the answer continues that role)."""
     check_extra_fields(req, "chat")
     route = state.router.resolve(req.model)
-    plan = plan_tools(req, state.settings.tool_call_parser)
+    plan = plan_tools(req, state.settings.tool_call_parser, state.exclude_tools_when_none)
     tokenizer = state.engine.tokenizer
     messages = [m.for_template() for m in req.messages]
     try:

@@ -105,10 +105,15 @@ def required_schema(tools: tuple[dict[str, Any], ...], parallel: bool) -> dict[s
     return schema
 
 
-def plan_tools(req: ChatCompletionRequest, parser_name: str | None) -> ToolPlan:
-    """The `ToolPlan` of a request; 400 for a tool_choice that names no given function."""
+def plan_tools(
+    req: ChatCompletionRequest, parser_name: str | None, exclude_when_none: bool = False
+) -> ToolPlan:
+    """The `ToolPlan` of a request; 400 for a tool_choice that names no given function. With vLLM's
+    `--exclude-tools-when-tool-choice-none`, `tool_choice: "none"` also keeps the tools out of the prompt."""
     tools = tuple(t.model_dump(exclude_none=True, by_alias=True) for t in req.tools or ())
     choice = req.tool_choice
+    if exclude_when_none and choice == "none":
+        return ToolPlan("none")
     parallel = req.parallel_tool_calls is not False
     if choice is None:
         choice = "auto" if tools else "none"
