@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 
 from adapters.routing import BaseModelRouter, ModelRouter
 from serve import metrics
+from serve.anthropic.messages.router import router as anthropic_messages_router
 from serve.engine.protocol import Engine
 from serve.errors import OpenAIError, engine_dead_error, error_response, install_error_handlers
 from serve.middleware import APIMiddleware
@@ -48,6 +49,7 @@ def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | Non
     app.include_router(tokenize_router)
     app.include_router(version_router)
     app.include_router(tgi_router)
+    app.include_router(anthropic_messages_router)
 
     async def engine_problem() -> OpenAIError | None:
         """None while the engine is alive; once it is dead (for good), the 503 and `state.engine_dead`."""

@@ -84,11 +84,15 @@ class KeyRing:
         )
 
 
-def authorize(request: Request, role: Role = Role.USER) -> str:
+def authorize(request: Request, role: Role = Role.USER, *, x_api_key: bool = False) -> str:
     """Check the caller's key for `role` and count the request under its key id (first line of every
     route that needs a key; a plain call, not a FastAPI dependency, which would cost a thread hop or a
-    dependency-graph walk per request)."""
+    dependency-graph walk per request). `x_api_key`: Anthropic's `x-api-key: <key>` header is accepted as
+    well as a bearer key (the Messages API routes)."""
     state = request.app.state.server
-    key_id: str = state.keys.authorize(request.headers.get("authorization"), role)
+    authorization = request.headers.get("authorization")
+    if x_api_key and not authorization and (key := request.headers.get("x-api-key")):
+        authorization = f"Bearer {key}"
+    key_id: str = state.keys.authorize(authorization, role)
     state.count_key(key_id)
     return key_id

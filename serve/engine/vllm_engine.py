@@ -136,6 +136,7 @@ class VLLMEngine:
                 finished=out.finished,
                 prompt_logprobs=prompt_logprobs,
                 timing=_timing(out.metrics) if out.finished else None,
+                cached_tokens=out.num_cached_tokens,
             )
 
     async def abort(self, request_id: str) -> None:

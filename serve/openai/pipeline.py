@@ -83,8 +83,12 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, p
 
 @dataclass
 class Usage:
+    """Token counts of a generation; `cached_prompt_tokens`: prompt tokens the engine's prefix cache held
+    (part of `prompt_tokens`; 0 where the engine does not say)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -149,6 +153,7 @@ async def _run_one(
     first_token_at: float | None = None
     last_token_at = gen.arrival
     generated = 0
+    cached_counted = False
     try:
         with state.router.lease(gen.route):
             engine_start = time.monotonic()
@@ -181,6 +186,9 @@ async def _run_one(
                         last_token_at = now
                     generated += new_tokens
                     gen.usage.completion_tokens += new_tokens
+                    if not cached_counted and out.cached_tokens is not None:
+                        cached_counted = True  # known from the first output on (the prefill's)
+                        gen.usage.cached_prompt_tokens += out.cached_tokens
                     finished = out.finished
                     if finished:
                         metrics.E2E_REQUEST_LATENCY.labels(label).observe(now - gen.arrival)
