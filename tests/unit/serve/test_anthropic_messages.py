@@ -23,7 +23,7 @@ from serve.anthropic.messages.serving import MessageAnswer, check_thinking, to_c
 from serve.app import build_app
 from serve.engine.protocol import ChoiceDelta, EngineOutput
 from serve.errors import OpenAIError
-from serve.openai.chat.tools import ToolPlan
+from serve.openai.chat.tools import ToolPlan, plan_tools
 from serve.openai.fields import check_extra_fields
 from serve.settings import ServeSettings
 from tests.unit.serve.test_http_fake_engine import FakeEngine
@@ -239,6 +239,43 @@ def test_forced_tool_call_streams_as_input_json_deltas() -> None:
         ("tool_use", "get_weather", {"city": "Paris"})
     ]
     assert final["stop_reason"] == "tool_use"
+
+
+def test_auto_tool_call_found_by_the_hermes_parser_streams_as_blocks(tiny_model_dir: Path) -> None:
+    """`auto`: text, then the call the server's parser reads, as a text block and a tool_use block whose
+    streamed input fragments concatenate to the non-streamed `input`."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    plan = plan_tools(to_chat_request(_request(tools=[TOOL])), "hermes")
+    text = 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [tokenizer.decode(ids[: i + 1])[len(tokenizer.decode(ids[:i])) :] for i in range(len(ids))]
+    finals = []
+    for streaming in (True, False):
+        answer = MessageAnswer(plan, tokenizer)
+        events = []
+        for i, (piece, token) in enumerate(zip(pieces, ids, strict=True)):
+            d = ChoiceDelta(0, piece, (token,), None, "stop" if i == len(ids) - 1 else None)
+            events += answer.update(d, _out(d), streaming)
+        finals.append(answer.final())
+        if streaming:
+            starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+            assert starts == ["text", "tool_use"]
+            text_out = "".join(
+                e["delta"]["text"] for e in events if e["type"] == "content_block_delta" and e["index"] == 0
+            )
+            partial = "".join(
+                e["delta"]["partial_json"]
+                for e in events
+                if e["type"] == "content_block_delta" and e["index"] == 1
+            )
+            assert (text_out, json.loads(partial)) == ("Sure.", {"city": "Paris"})
+            assert answer.stop_reason(answer.streamed_calls) == ("tool_use", None)
+    for final in finals:
+        assert [(b["type"], b.get("text"), b.get("input")) for b in final["content"]] == [
+            ("text", "Sure.", None),
+            ("tool_use", None, {"city": "Paris"}),
+        ]
+        assert final["stop_reason"] == "tool_use"
 
 
 def test_truncated_answer_is_max_tokens() -> None:
