@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import httpx
 import jsonschema
 import pytest
 
+from tests.e2e.serve_helpers import metric, scrape
 from tests.support.server import RunningServer, start_server
 
 MODEL = "tiny-anthropic"
@@ -293,3 +295,29 @@ def test_langchain_chat_anthropic(server: RunningServer) -> None:
     assert len(answer.tool_calls) == 1 and answer.tool_calls[0]["name"] == "GetWeather"
     GetWeather.model_validate(answer.tool_calls[0]["args"])
     assert "ignoring unknown request field" not in server.log()  # langchain sends only Anthropic's fields
+
+
+def test_leaving_a_stream_aborts_its_engine_request(server: RunningServer) -> None:
+    """A client that hangs up mid-stream (while pings may be pending) leaves nothing running."""
+    body = {"model": MODEL, "max_tokens": 400, "messages": ASK, "stream": True, "extra": "ignored"}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/messages", json=body, headers={"x-api-key": KEY}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        seen = [line for _, line in zip(range(8), response.iter_lines(), strict=False)]
+    assert any(line == "event: message_start" for line in seen)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = scrape(server.url)
+        running = [
+            metric(server.url, f"{p}:num_requests_{s}", samples=rows)
+            for p in ("llmstack", "vllm")
+            for s in ("running", "waiting")
+        ]
+        if not any(running):
+            break
+        time.sleep(0.2)
+    assert not any(running), running
+    assert (
+        metric(server.url, "llmstack:ignored_request_fields_total", endpoint="messages", field="extra") == 1
+    )
