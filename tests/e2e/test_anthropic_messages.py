@@ -22,9 +22,11 @@ import jsonschema
 import pytest
 
 from tests.e2e.serve_helpers import metric, scrape
+from tests.support.lora import build_lora_adapter
 from tests.support.server import RunningServer, start_server
 
 MODEL = "tiny-anthropic"
+ADAPTER = "anthropic-lora"
 KEY = "sk-anthropic-e2e"
 WEATHER = {
     "type": "object",
@@ -52,14 +54,11 @@ ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris for 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with start_server(
-        tiny_model_dir,
-        "--served-model-name",
-        MODEL,
-        "--api-key",
-        KEY,
-        log_dir=tmp_path_factory.mktemp("serve-anthropic"),
-    ) as running:
+    root = tmp_path_factory.mktemp("serve-anthropic")
+    adapter = build_lora_adapter(tiny_model_dir, root / ADAPTER, seed=3)
+    args = ["--served-model-name", MODEL, "--api-key", KEY]
+    args += ["--max-loras", "1", "--max-lora-rank", "8", "--lora-modules", f"{ADAPTER}={adapter}"]
+    with start_server(tiny_model_dir, *args, log_dir=root) as running:
         yield running
 
 
@@ -321,3 +320,23 @@ def test_leaving_a_stream_aborts_its_engine_request(server: RunningServer) -> No
     assert (
         metric(server.url, "llmstack:ignored_request_fields_total", endpoint="messages", field="extra") == 1
     )
+
+
+def test_model_routes_to_an_adapter_as_on_chat(client: anthropic.Anthropic, server: RunningServer) -> None:
+    """`model` names an adapter as on the OpenAI routes: the same greedy text as chat completions with that
+    adapter (one pipeline), and another than the base model's; metrics carry the adapter's label."""
+    texts = {}
+    for model in (MODEL, ADAPTER):
+        message = client.messages.create(model=model, max_tokens=12, messages=ASK, extra_body=GREEDY)
+        assert message.model == model
+        texts[model] = "".join(b.text for b in message.content if b.type == "text")
+        chat = httpx.post(
+            f"{server.openai_url}/chat/completions",
+            json={"model": model, "messages": ASK, "max_tokens": 12, "temperature": 0},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+        ).json()
+        assert texts[model] == chat["choices"][0]["message"]["content"], (model, chat)
+    assert texts[MODEL] != texts[ADAPTER]
+    labels = {"endpoint": "/v1/messages", "model": ADAPTER, "status": "200"}
+    assert metric(server.url, "llmstack:http_requests_total", **labels) >= 1
