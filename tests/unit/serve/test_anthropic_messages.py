@@ -417,3 +417,50 @@ def test_whole_message_and_middleware_errors_in_anthropic_shape(client: TestClie
     assert too_large.status_code == 413 and too_large.json()["error"]["type"] == "request_too_large"
     openai_413 = client.post("/v1/chat/completions", content=b"x" * 4096)
     assert openai_413.status_code == 413 and "type" not in openai_413.json()
+
+
+class HeldEngine(FakeEngine):
+    """The fake engine that holds each request after its first output until `release` is set."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer)
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: Any, lora: Any = None
+    ) -> AsyncGenerator[EngineOutput, None]:
+        self.started.set()
+        await self.release.wait()
+        async for out in super().generate(request_id, prompt_token_ids, params, lora):
+            yield out
+
+
+def test_admission_429_in_anthropic_shape(tiny_model_dir: Path) -> None:
+    """With one engine slot and no queue, a second request while the first holds the slot is Anthropic's
+    `rate_limit_error` with Retry-After; the slot is free again once the first is answered."""
+    import httpx
+
+    engine = HeldEngine(load_tokenizer(tiny_model_dir))
+    settings = ServeSettings(
+        model="/models/fake", served_model_name="fake", max_concurrent_requests=1, max_queued_requests=0
+    )
+    app = build_app(settings, engine)
+    body = {"model": "fake", "max_tokens": 3, "messages": ASK}
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            held = asyncio.ensure_future(client.post("/v1/messages", json=body))
+            await asyncio.wait_for(engine.started.wait(), 10)
+            refused = await client.post("/v1/messages", json=body)
+            engine.release.set()
+            first = await held
+            after = await client.post("/v1/messages", json=body)
+        return refused, first, after.status_code
+
+    refused, first, after = asyncio.run(scenario())
+    assert first.status_code == 200 and first.json()["type"] == "message"
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert after == 200
