@@ -93,6 +93,15 @@ def authorize(request: Request, role: Role = Role.USER, *, x_api_key: bool = Fal
     authorization = request.headers.get("authorization")
     if x_api_key and not authorization and (key := request.headers.get("x-api-key")):
         authorization = f"Bearer {key}"
-    key_id: str = state.keys.authorize(authorization, role)
+    try:
+        key_id: str = state.keys.authorize(authorization, role)
+    except OpenAIError as err:
+        if x_api_key and authorization is None and err.status == 401:
+            raise OpenAIError(
+                401,
+                "missing API key: send `x-api-key: <key>` or `Authorization: Bearer <key>`",
+                code=err.code,
+            ) from None
+        raise
     state.count_key(key_id)
     return key_id

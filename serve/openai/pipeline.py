@@ -1,4 +1,5 @@
-"""The one generation pipeline behind chat, completions and TGI's API: prepare, run, then collect or stream.
+"""The one generation pipeline behind chat, completions, TGI's API and Anthropic's Messages API: prepare, run,
+then collect or stream.
 
 - prepare (each endpoint): resolve the model, build the prompt token ids, check the context, and let the
   request model build its `SamplingParams`; the result is a `Generation`, nothing started yet.

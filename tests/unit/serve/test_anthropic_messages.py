@@ -370,6 +370,7 @@ def test_keys_as_x_api_key_or_bearer(client: TestClient) -> None:
     assert bearer.status_code == 200 and bearer.json()["input_tokens"] > 0
     missing = client.post("/v1/messages/count_tokens", json=body)
     assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+    assert "x-api-key" in missing.json()["error"]["message"]
     wrong = client.post("/v1/messages", json=body, headers={"x-api-key": "nope"})
     assert wrong.status_code == 401 and wrong.json()["type"] == "error"
     # x-api-key is the Messages API's convention only
@@ -417,6 +418,9 @@ def test_whole_message_and_middleware_errors_in_anthropic_shape(client: TestClie
     assert too_large.status_code == 413 and too_large.json()["error"]["type"] == "request_too_large"
     openai_413 = client.post("/v1/chat/completions", content=b"x" * 4096)
     assert openai_413.status_code == 413 and "type" not in openai_413.json()
+    wrong_method = client.get("/v1/messages")
+    assert wrong_method.status_code == 405 and wrong_method.json()["type"] == "error"
+    assert client.get("/v1/chat/completions").json()["error"]["type"] == "invalid_request_error"
 
 
 class HeldEngine(FakeEngine):
