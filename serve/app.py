@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from adapters.routing import BaseModelRouter, ModelRouter
 from serve import metrics
+from serve.anthropic.messages.router import router as anthropic_messages_router
 from serve.engine.protocol import Engine
 from serve.engine.supervisor import EngineState, EngineSupervisor, EngineUnavailable
 from serve.errors import (
@@ -74,6 +75,7 @@ def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | Non
     app.include_router(tokenize_router)
     app.include_router(version_router)
     app.include_router(tgi_router)
+    app.include_router(anthropic_messages_router)
 
     supervisor = engine if isinstance(engine, EngineSupervisor) else None
 

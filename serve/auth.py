@@ -82,11 +82,24 @@ class KeyRing:
         )
 
 
-def authorize(request: Request, role: Role = Role.USER) -> str:
+def authorize(request: Request, role: Role = Role.USER, *, x_api_key: bool = False) -> str:
     """Check the caller's key for `role` and count the request under its key id (first line of every
     route that needs a key; a plain call, not a FastAPI dependency, which would cost a thread hop or a
-    dependency-graph walk per request)."""
+    dependency-graph walk per request). `x_api_key`: Anthropic's `x-api-key: <key>` header is accepted as
+    well as a bearer key (the Messages API routes)."""
     state = request.app.state.server
-    key_id: str = state.keys.authorize(request.headers.get("authorization"), role)
+    authorization = request.headers.get("authorization")
+    if x_api_key and not authorization and (key := request.headers.get("x-api-key")):
+        authorization = f"Bearer {key}"
+    try:
+        key_id: str = state.keys.authorize(authorization, role)
+    except OpenAIError as err:
+        if x_api_key and authorization is None and err.status == 401:
+            raise OpenAIError(
+                401,
+                "missing API key: send `x-api-key: <key>` or `Authorization: Bearer <key>`",
+                code=err.code,
+            ) from None
+        raise
     state.count_key(key_id)
     return key_id

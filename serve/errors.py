@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: every error the server returns is `{"error": {"message", "type", "param", "code"}}`.
+"""OpenAI-shaped errors: every error the server returns is `{"error": {"message", "type", "param", "code"}}`
+(except on Anthropic's Messages API routes, which reshape the same errors: serve/anthropic/errors.py).
 
 Invariant: no handler ever answers FastAPI's default `{"detail": ...}`; exception handlers registered by
 `install_error_handlers` cover our own errors, request validation, routing (404/405) and anything unexpected.
@@ -13,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.routing import ModelNotFound
@@ -139,10 +140,18 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return error_response(OpenAIError(400, message, param=_validation_param(first["loc"])))
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         headers = dict(exc.headers or {})
-        return error_response(OpenAIError(exc.status_code, str(exc.detail), headers=headers))
+        err = OpenAIError(exc.status_code, str(exc.detail), headers=headers)
+        from serve.anthropic.errors import (
+            anthropic_error_response,
+            is_anthropic_path,
+        )  # (imports this module)
+
+        if is_anthropic_path(request.url.path):  # e.g. GET /v1/messages: 405 in the Messages API's shape
+            return anthropic_error_response(err)
+        return error_response(err)
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(StackError, on_openai_error)

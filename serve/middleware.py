@@ -17,6 +17,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve import metrics
+from serve.anthropic.errors import anthropic_error_body, is_anthropic_path
 from serve.errors import OpenAIError, engine_dead_error
 from serve.state import ServerState
 
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
-async def _send_error(send: Send, err: OpenAIError) -> None:
-    body = json.dumps(err.body()).encode()
+async def _send_error(send: Send, err: OpenAIError, path: str) -> None:
+    """`err` in the shape of the API `path` belongs to (Anthropic's on the Messages routes)."""
+    body = json.dumps(anthropic_error_body(err) if is_anthropic_path(path) else err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
@@ -72,19 +74,21 @@ class APIMiddleware:
         self.state.in_flight += 1
         try:
             if self.state.engine_dead:
-                await _send_error(send_wrapper, engine_dead_error())
+                await _send_error(send_wrapper, engine_dead_error(), path)
                 return
             if self.state.draining:
-                await _send_error(send_wrapper, OpenAIError(503, "server is shutting down", code="draining"))
+                await _send_error(
+                    send_wrapper, OpenAIError(503, "server is shutting down", code="draining"), path
+                )
                 return
             declared = _content_length(scope)
             if declared is not None and declared > limit:
-                await _send_error(send_wrapper, _too_large(limit))
+                await _send_error(send_wrapper, _too_large(limit), path)
                 return
             if declared is None:  # chunked: read it all (up to the limit) before the app sees it
                 body = await _read_body(receive, limit)
                 if body is None:
-                    await _send_error(send_wrapper, _too_large(limit))
+                    await _send_error(send_wrapper, _too_large(limit), path)
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_wrapper)

@@ -57,14 +57,15 @@ class EngineOutput:
     """One step of a request: deltas for the sequences that advanced; `finished` on the last one.
 
     `prompt_logprobs` (first output only, when asked for) has one entry per prompt token, None for the
-    first token (nothing predicts it)."""
+    first token (nothing predicts it). `cached_tokens`: how many prompt tokens the engine's prefix cache
+    already held (None where the engine does not say)."""
 
     prompt_tokens: int
     choices: tuple[ChoiceDelta, ...]
     finished: bool
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     timing: TokenTiming | None = None
-    cached_tokens: int = 0  # prompt tokens found in the prefix cache (first output only)
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache (None: not said)
 
 
 class Engine(Protocol):

@@ -140,7 +140,6 @@ class VLLMEngine:
                 prompt_logprobs = _prompt_logprobs(
                     prompt_token_ids, out.prompt_logprobs, params.prompt_logprobs
                 )
-            cached = int(out.num_cached_tokens or 0) if first else 0
             first = False
             yield EngineOutput(
                 prompt_tokens=len(prompt_token_ids),
@@ -148,7 +147,7 @@ class VLLMEngine:
                 finished=out.finished,
                 prompt_logprobs=prompt_logprobs,
                 timing=_timing(out.metrics) if out.finished else None,
-                cached_tokens=cached,
+                cached_tokens=out.num_cached_tokens,
             )
 
     async def abort(self, request_id: str) -> None:

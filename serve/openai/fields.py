@@ -1,14 +1,15 @@
 """The request-field policy: what happens to a body field this server has no model field for.
 
-- A field that OpenAI's API or vLLM's server defines for the endpoint, and that this server does not
-  implement, is a 400 naming the field: silently ignoring it would change what the client asked for.
+- A field that OpenAI's API (Anthropic's, on the Messages API) or vLLM's server defines for the endpoint,
+  and that this server does not implement, is a 400 naming the field: silently ignoring it would change
+  what the client asked for.
 - Any other unknown field is ignored, logged once per field name and counted in
   `llmstack:ignored_request_fields` (labels bounded): SDKs add fields of their own, and refusing them breaks
   the SDK, which is why vLLM itself stopped forbidding extra fields.
 
 The "defined elsewhere" sets are read from the installed packages themselves (vLLM's request models and the
-openai SDK's request parameter types), so they follow the pinned versions instead of a list kept by hand;
-they are computed on the first request that carries an unknown field.
+openai and anthropic SDKs' request parameter types), so they follow the pinned versions instead of a list
+kept by hand; they are computed on the first request that carries an unknown field.
 
 Invariant: a request model here validates with `extra="allow"`; `check_extra_fields` is called on every
 parsed request before any work starts.
@@ -37,6 +38,14 @@ UPSTREAM_DEFINITIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "completions": (
         ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
         ("openai.types.completion_create_params", "CompletionCreateParamsBase"),
+    ),
+    "messages": (
+        ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest"),
+        ("anthropic.types.message_create_params", "MessageCreateParamsBase"),
+    ),
+    "count_tokens": (
+        ("vllm.entrypoints.anthropic.protocol", "AnthropicCountTokensRequest"),
+        ("anthropic.types.message_count_tokens_params", "MessageCountTokensParams"),
     ),
 }
 

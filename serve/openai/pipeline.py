@@ -1,4 +1,5 @@
-"""The one generation pipeline behind chat, completions and TGI's API: prepare, run, then collect or stream.
+"""The one generation pipeline behind chat, completions, TGI's API and Anthropic's Messages API: prepare, run,
+then collect or stream.
 
 - prepare (each endpoint): resolve the model, build the prompt token ids, check the context, and let the
   request model build its `SamplingParams`; the result is a `Generation`, nothing started yet.
@@ -83,13 +84,13 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, p
 
 @dataclass
 class Usage:
-    """OpenAI's `usage`; with vLLM's `--enable-prompt-tokens-details`, `prompt_tokens_details.cached_tokens`
-    (prompt tokens served from the prefix cache, as the engine reports them)."""
+    """Token counts of a generation; `cached_prompt_tokens`: prompt tokens the engine's prefix cache held
+    (part of `prompt_tokens`; 0 where the engine does not say)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
-    with_details: bool = False
+    cached_prompt_tokens: int = 0
+    with_details: bool = False  # vLLM's --enable-prompt-tokens-details: `prompt_tokens_details` in as_dict
 
     def as_dict(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -98,7 +99,7 @@ class Usage:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
         if self.with_details:
-            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_prompt_tokens}
         return usage
 
 
@@ -158,6 +159,7 @@ async def _run_one(
     first_token_at: float | None = None
     last_token_at = gen.arrival
     generated = 0
+    cached_counted = False
     try:
         with state.router.lease(gen.route):
             engine_start = time.monotonic()
@@ -190,7 +192,9 @@ async def _run_one(
                         last_token_at = now
                     generated += new_tokens
                     gen.usage.completion_tokens += new_tokens
-                    gen.usage.cached_tokens += out.cached_tokens
+                    if not cached_counted and out.cached_tokens is not None:
+                        cached_counted = True  # known from the first output on (the prefill's)
+                        gen.usage.cached_prompt_tokens += out.cached_tokens
                     finished = out.finished
                     if finished:
                         metrics.E2E_REQUEST_LATENCY.labels(label).observe(now - gen.arrival)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+from core.config import StrictModel
 from serve.errors import OpenAIError
 from serve.openai.fields import OpenAIRequest
 
@@ -37,10 +38,8 @@ OPENAI_DEFAULTS: dict[str, float | int] = {
 }
 
 
-class _Nested(BaseModel):
+class _Nested(StrictModel):
     """Nested option objects are strict: a typo inside them is a 400, not a silently dropped option."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(_Nested):

@@ -8,24 +8,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from core.config import StrictModel
 from serve.openai.protocol import MAX_LOGPROBS, StopString
 
 MAX_STOP_SEQUENCES = 16  # what /info announces, enforced here
 
 
-class Grammar(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Grammar(StrictModel):
     type: Literal["json", "json_schema", "regex"]
     value: Any
 
 
-class Parameters(BaseModel):
+class Parameters(StrictModel):
     """TGI's `parameters` object; a null value means "not set", as huggingface_hub sends it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     adapter_id: str | None = None
     best_of: int | None = Field(None, ge=1)
@@ -69,9 +66,7 @@ class Parameters(BaseModel):
         return self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GenerateRequest(StrictModel):
     inputs: str = Field(min_length=1)
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = False

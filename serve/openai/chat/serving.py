@@ -110,19 +110,18 @@ def _with_echo(echo: str, parsed: ParsedMessage) -> str | None:
     return echo + parsed.content
 
 
-def prepare(
-    state: ServerState, req: ChatCompletionRequest, arrival: float
-) -> tuple[Generation, ToolPlan, str]:
-    """The request as a `Generation` (nothing started), its tool plan and the text echoed before the
-    answer (vLLM's `echo`: the final message's content when the answer continues that role)."""
-    check_extra_fields(req, "chat")
-    route = state.router.resolve(req.model)
-    plan = plan_tools(req, state.settings.tool_call_parser, state.exclude_tools_when_none)
-    tokenizer = state.engine.tokenizer
+def chat_tool_plan(state: ServerState, req: ChatCompletionRequest) -> ToolPlan:
+    """The request's tool plan, with the server's tool-call parser for `auto`."""
+    return plan_tools(req, state.settings.tool_call_parser, state.exclude_tools_when_none)
+
+
+def render_prompt(state: ServerState, req: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+    """The prompt token ids of the conversation, rendered by the model's chat template with the plan's
+    tools (400 if the template refuses it). The Messages API's count_tokens counts exactly these."""
     messages = [m.for_template() for m in req.messages]
     try:
         prompt = render_chat(
-            tokenizer,
+            state.engine.tokenizer,
             messages,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
@@ -135,7 +134,19 @@ def prepare(
         raise OpenAIError(
             400, f"the chat template cannot render these messages: {err}", param="messages"
         ) from None
-    prompt_ids = state.encode(prompt)
+    return state.encode(prompt)
+
+
+def prepare(
+    state: ServerState, req: ChatCompletionRequest, arrival: float, request_id: str | None = None
+) -> tuple[Generation, ToolPlan, str]:
+    """The request as a `Generation` (nothing started), its tool plan and the text echoed before the
+    answer (vLLM's `echo`: the final message's content when the answer continues that role).
+    `request_id`: the engine request's id (default a new `chatcmpl-...`)."""
+    check_extra_fields(req, "chat")
+    route = state.router.resolve(req.model)
+    plan = chat_tool_plan(state, req)
+    prompt_ids = render_prompt(state, req, plan)
     defaults = state.engine.default_sampling
     requested = req.requested_max_tokens()
     max_tokens = check_context(len(prompt_ids), requested, state.engine.max_model_len, "messages")
@@ -158,7 +169,7 @@ def prepare(
         route=route,
         prompts=[EnginePrompt(prompt_ids, params)],
         n=req.n,
-        request_id=new_id("chatcmpl"),
+        request_id=request_id or new_id("chatcmpl"),
         arrival=arrival,
         stream=req.stream,
     )
