@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from core.models import load_tokenizer
 from serve.anthropic.errors import anthropic_error_body, anthropic_error_response
@@ -25,7 +25,7 @@ from serve.engine.protocol import ChoiceDelta, EngineOutput
 from serve.errors import OpenAIError
 from serve.openai.chat.tools import ToolPlan, plan_tools
 from serve.openai.fields import check_extra_fields
-from serve.settings import ServeSettings
+from serve.settings import parse_settings
 from tests.unit.serve.test_http_fake_engine import FakeEngine
 
 KEY = "sk-anthropic-unit-key"
@@ -343,11 +343,13 @@ def engine(tiny_model_dir: Path) -> FakeEngine:
 
 @pytest.fixture
 def client(engine: FakeEngine) -> Iterator[TestClient]:
-    settings = ServeSettings(
-        model="/models/fake",
-        served_model_name="fake",
-        max_request_body_bytes=2048,
-        api_key=[SecretStr(KEY)],
+    settings = parse_settings(
+        [
+            "--model", "/models/fake",
+            "--served-model-name", "fake",
+            "--max-request-body-bytes", "2048",
+            "--api-key", KEY,
+        ]  # fmt: skip
     )
     with TestClient(build_app(settings, engine), raise_server_exceptions=False) as test_client:
         yield test_client
@@ -446,8 +448,13 @@ def test_admission_429_in_anthropic_shape(tiny_model_dir: Path) -> None:
     import httpx
 
     engine = HeldEngine(load_tokenizer(tiny_model_dir))
-    settings = ServeSettings(
-        model="/models/fake", served_model_name="fake", max_concurrent_requests=1, max_queued_requests=0
+    settings = parse_settings(
+        [
+            "--model", "/models/fake",
+            "--served-model-name", "fake",
+            "--max-concurrent-requests", "1",
+            "--max-queued-requests", "0",
+        ]  # fmt: skip
     )
     app = build_app(settings, engine)
     body = {"model": "fake", "max_tokens": 3, "messages": ASK}
