@@ -343,14 +343,8 @@ def engine(tiny_model_dir: Path) -> FakeEngine:
 
 @pytest.fixture
 def client(engine: FakeEngine) -> Iterator[TestClient]:
-    settings = parse_settings(
-        [
-            "--model", "/models/fake",
-            "--served-model-name", "fake",
-            "--max-request-body-bytes", "2048",
-            "--api-key", KEY,
-        ]  # fmt: skip
-    )
+    flags = ["--model", "/models/fake", "--served-model-name", "fake", "--max-request-body-bytes", "2048"]
+    settings = parse_settings([*flags, "--api-key", KEY])
     with TestClient(build_app(settings, engine), raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -448,14 +442,8 @@ def test_admission_429_in_anthropic_shape(tiny_model_dir: Path) -> None:
     import httpx
 
     engine = HeldEngine(load_tokenizer(tiny_model_dir))
-    settings = parse_settings(
-        [
-            "--model", "/models/fake",
-            "--served-model-name", "fake",
-            "--max-concurrent-requests", "1",
-            "--max-queued-requests", "0",
-        ]  # fmt: skip
-    )
+    flags = ["--model", "/models/fake", "--served-model-name", "fake"]
+    settings = parse_settings([*flags, "--max-concurrent-requests", "1", "--max-queued-requests", "0"])
     app = build_app(settings, engine)
     body = {"model": "fake", "max_tokens": 3, "messages": ASK}
 
