@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
@@ -44,6 +45,28 @@ def default_router(settings: ServeSettings, model_dir: Path) -> BaseModelRouter:
     return BaseModelRouter(name, str(model_dir), aliases=tuple(aliases))
 
 
+def add_user_middleware(app: FastAPI, paths: list[str]) -> None:
+    """vLLM's `--middleware`: each import path names an ASGI middleware class (added with
+    `add_middleware`) or an async function (an HTTP middleware), as vLLM's server adds them."""
+    import importlib
+    import inspect
+
+    from core.errors import ConfigError
+
+    for path in paths:
+        module_path, _, name = path.rpartition(".")
+        try:
+            imported = getattr(importlib.import_module(module_path), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ConfigError(f"--middleware {path!r} cannot be imported: {err}") from None
+        if inspect.isclass(imported):
+            app.add_middleware(imported)  # type: ignore[arg-type]
+        elif inspect.iscoroutinefunction(imported):
+            app.middleware("http")(imported)
+        else:
+            raise ConfigError(f"--middleware {path!r} is neither a class nor an async function")
+
+
 def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | None = None) -> FastAPI:
     """The API on `engine`; `router` defaults to the base model alone."""
     check_tool_parser(settings.tool_call_parser, settings.vllm.tool_parser_plugin)
@@ -58,7 +81,7 @@ def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | Non
         root_path=getattr(args, "root_path", None) or "",
     )
     app.state.server = state
-    install_error_handlers(app)
+    install_error_handlers(app, log_stack=bool(getattr(args, "log_error_stack", False)))
     app.add_middleware(APIMiddleware, state=state)
     if getattr(args, "allowed_origins", None):  # vLLM's CORS options, as its own server applies them
         app.add_middleware(
@@ -120,6 +143,25 @@ def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | Non
         if problem is None and state.draining:
             problem = OpenAIError(503, "server is shutting down", code="draining")
         return probe_response(problem)
+
+    add_user_middleware(app, list(getattr(args, "middleware", None) or []))
+    if getattr(args, "enable_server_load_tracking", False):
+
+        @app.get("/load")
+        async def load() -> Response:
+            """vLLM's server load: API requests in flight."""
+            return JSONResponse({"server_load": state.in_flight})
+
+    if getattr(args, "enable_tokenizer_info_endpoint", False):
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info() -> Response:
+            """vLLM's tokenizer information (its configuration and chat template)."""
+            from vllm.entrypoints.serve.tokenize.serving import TokenizerInfo
+
+            tokenizer = state.engine.tokenizer
+            info = TokenizerInfo(tokenizer, getattr(tokenizer, "chat_template", None)).to_dict()  # type: ignore[arg-type]
+            return JSONResponse(jsonable_encoder(info))
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:

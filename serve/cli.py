@@ -200,7 +200,23 @@ def uvicorn_config(app: Any, settings: ServeSettings) -> uvicorn.Config:
     )
     config.h11_max_incomplete_event_size = args.h11_max_incomplete_event_size  # as vLLM's launcher sets them
     config.h11_max_header_count = args.h11_max_header_count  # type: ignore[attr-defined]
+    if args.disable_access_log_for_endpoints:  # after uvicorn.Config, which configures its loggers
+        quiet = frozenset(p.strip() for p in args.disable_access_log_for_endpoints.split(",") if p.strip())
+        logging.getLogger("uvicorn.access").addFilter(_AccessLogFilter(quiet))
     return config
+
+
+class _AccessLogFilter(logging.Filter):
+    """vLLM's `--disable-access-log-for-endpoints`: no access-log line for these paths (query ignored)."""
+
+    def __init__(self, paths: frozenset[str]) -> None:
+        super().__init__()
+        self._paths = paths
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        path = str(args[2]).split("?", 1)[0] if len(args) >= 3 else ""  # uvicorn: client, method, path, ...
+        return path not in self._paths
 
 
 async def _serve(settings: ServeSettings, model_dir: Path) -> None:

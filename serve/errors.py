@@ -125,10 +125,13 @@ def _validation_param(loc: Any) -> str | None:
     return ".".join(parts) or None
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Make every error response OpenAI-shaped."""
+def install_error_handlers(app: FastAPI, log_stack: bool = False) -> None:
+    """Make every error response OpenAI-shaped; `log_stack` (vLLM's `--log-error-stack`): log each error
+    response's exception with its stack trace."""
 
     async def on_openai_error(_: Request, exc: Exception) -> JSONResponse:
+        if log_stack:
+            log.error("error response: %s", exc, exc_info=exc)
         return error_response(as_openai_error(exc))
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:

@@ -4,8 +4,9 @@ One server for the module, started with a `vllm serve`-style command line (posit
 `--served-model-name` with two names, `--max-logprobs`, `--enable-prefix-caching` with
 `--enable-prompt-tokens-details`, `--chat-template`, `--generation-config vllm` with
 `--override-generation-config`, n-gram `--speculative-config`, `--kv-cache-dtype fp8`, `--max-num-seqs 1`,
-`--response-role`, `--enable-force-include-usage`, `--exclude-tools-when-tool-choice-none` and
-`--enable-request-id-headers`.
+`--response-role`, `--enable-force-include-usage`, `--exclude-tools-when-tool-choice-none`,
+`--enable-request-id-headers`, `--enable-server-load-tracking`, `--enable-tokenizer-info-endpoint`,
+`--middleware`, `--disable-access-log-for-endpoints` and `--log-error-stack`.
 The model's own generation_config.json asks for 12 new tokens, so a default of 3 shows that vLLM's
 `--generation-config vllm` ignored it and the override applied.
 """
@@ -73,6 +74,11 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--enable-force-include-usage",
         "--exclude-tools-when-tool-choice-none",
         "--enable-request-id-headers",
+        "--enable-server-load-tracking",
+        "--enable-tokenizer-info-endpoint",
+        "--middleware", "tests.support.middleware.mark_responses",
+        "--disable-access-log-for-endpoints", "/v1/models,/load",
+        "--log-error-stack",
     ]  # fmt: skip
     # start_server passes `--model`; the positional form is covered by the unit tests of the parser
     with start_server(model_dir, *args, log_dir=folder) as running:
@@ -195,3 +201,23 @@ def test_request_id_headers(server: RunningServer) -> None:
     assert len(_chat(server).headers["x-request-id"]) == 32
     given = httpx.get(f"{server.openai_url}/models", headers={"X-Request-Id": "abc-123"}, timeout=30)
     assert given.headers["x-request-id"] == "abc-123"
+
+
+def test_load_tokenizer_info_and_user_middleware(server: RunningServer) -> None:
+    load = httpx.get(f"{server.url}/load", timeout=30)
+    assert load.status_code == 200 and load.json() == {"server_load": 1}  # this request itself
+    assert load.headers["x-test-middleware"] == "seen"
+    info = httpx.get(f"{server.url}/tokenizer_info", timeout=30).json()
+    assert info["chat_template"] == TEMPLATE and "tokenizer_class" in info
+
+
+def test_access_log_skips_the_listed_paths_and_errors_log_their_stack(server: RunningServer) -> None:
+    httpx.get(f"{server.openai_url}/models", timeout=30)
+    assert _chat(server, max_tokens=-1).status_code == 400
+    httpx.get(f"{server.url}/version", timeout=30)
+    deadline = time.monotonic() + 10
+    while '"GET /version' not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = server.log()
+    assert '"GET /version' in log and '"GET /v1/models' not in log and '"GET /load' not in log
+    assert "error response:" in log and "Traceback" in log
