@@ -56,6 +56,8 @@ HONOURED: dict[str, str] = {
     "h11_max_incomplete_event_size": "uvicorn's h11 limit (serve.cli)",
     "h11_max_header_count": "uvicorn's h11 limit (serve.cli)",
     "response_role": "the role of chat answers (chat endpoint)",
+    "fingerprint_mode": "system_fingerprint of chat and completion answers (serve.frontend)",
+    "fingerprint_value": "system_fingerprint of chat and completion answers (serve.frontend)",
     "middleware": "imported and added to the app as vLLM's server adds it (serve.app)",
     "disable_access_log_for_endpoints": "a filter on uvicorn's access log (serve.cli)",
     "log_error_stack": "error responses are logged with their stack trace (serve.errors)",
@@ -97,8 +99,6 @@ REFUSED: dict[str, str] = {
     "enable_log_outputs": "this server does not log outputs",
     "enable_log_deltas": "this server does not log outputs",
     "anthropic_disabled_thinking_effort": "/v1/messages has no thinking here yet (no reasoning parser)",
-    "fingerprint_mode": "system_fingerprint is not sent here",
-    "fingerprint_value": "system_fingerprint is not sent here",
     "enable_ssl_refresh": "TLS files are read once at start",
     "data_parallel_multi_port_external_lb": "one API server fronts every data-parallel rank here",
 }
@@ -202,3 +202,14 @@ def resolve(parser: argparse.ArgumentParser, vllm: argparse.Namespace, explicit:
         validate_parsed_serve_args(vllm)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err).removeprefix("Error: ")) from None
+
+
+def system_fingerprint(args: argparse.Namespace, vllm_config: Any) -> str | None:
+    """OpenAI's `system_fingerprint` as vLLM's server builds it (`--fingerprint-mode` full, hash, custom
+    or none); None without an engine configuration (e.g. a fake engine in tests) or in mode none."""
+    from vllm.entrypoints.serve.utils.fingerprint import build_system_fingerprint
+
+    mode = getattr(args, "fingerprint_mode", "full")
+    if vllm_config is None and mode != "custom":
+        return None
+    return build_system_fingerprint(vllm_config, mode, getattr(args, "fingerprint_value", None))  # type: ignore[arg-type]

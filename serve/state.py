@@ -85,6 +85,13 @@ class ServerState:
         return bool(getattr(self.settings.vllm, "enable_request_id_headers", False))
 
     @cached_property
+    def system_fingerprint(self) -> str | None:
+        """OpenAI's `system_fingerprint` of answers, as vLLM's `--fingerprint-mode` builds it."""
+        from serve.frontend import system_fingerprint
+
+        return system_fingerprint(self.settings.vllm, getattr(self.engine, "vllm_config", None))
+
+    @cached_property
     def vocab_size(self) -> int:
         """Token ids a request may name are in [0, vocab_size) (the tokenizer's, added tokens included)."""
         return len(self.engine.tokenizer)

@@ -157,6 +157,11 @@ class EngineSupervisor:
         return self._engine.max_model_len
 
     @property
+    def vllm_config(self) -> Any:
+        """The current engine's vLLM configuration (None for an engine that has none)."""
+        return getattr(self._engine, "vllm_config", None)
+
+    @property
     def default_sampling(self) -> dict[str, Any]:
         return self._engine.default_sampling
 

@@ -120,6 +120,11 @@ class VLLMEngine:
     def default_sampling(self) -> dict[str, Any]:
         return self._default_sampling
 
+    @property
+    def vllm_config(self) -> Any:
+        """vLLM's resolved configuration of this engine (`VllmConfig`)."""
+        return self._llm.vllm_config
+
     async def generate(
         self,
         request_id: str,

@@ -6,7 +6,7 @@ One server for the module, started with a `vllm serve`-style command line (posit
 `--override-generation-config`, n-gram `--speculative-config`, `--kv-cache-dtype fp8`, `--max-num-seqs 1`,
 `--response-role`, `--enable-force-include-usage`, `--exclude-tools-when-tool-choice-none`,
 `--enable-request-id-headers`, `--enable-server-load-tracking`, `--enable-tokenizer-info-endpoint`,
-`--middleware`, `--disable-access-log-for-endpoints` and `--log-error-stack`.
+`--middleware`, `--disable-access-log-for-endpoints`, `--log-error-stack` and `--fingerprint-mode custom`.
 The model's own generation_config.json asks for 12 new tokens, so a default of 3 shows that vLLM's
 `--generation-config vllm` ignored it and the override applied.
 """
@@ -33,6 +33,7 @@ NAMES = ("tiny-main", "tiny-alias")
 TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}<<assistant>>"
 OVERRIDE_MAX_TOKENS = 3
 ROLE = "answerer"
+FINGERPRINT = "fp-options-test"
 TOOLS = [
     {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
 ]
@@ -79,6 +80,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--middleware", "tests.support.middleware.mark_responses",
         "--disable-access-log-for-endpoints", "/v1/models,/load",
         "--log-error-stack",
+        "--fingerprint-mode", "custom",
+        "--fingerprint-value", FINGERPRINT,
     ]  # fmt: skip
     # start_server passes `--model`; the positional form is covered by the unit tests of the parser
     with start_server(model_dir, *args, log_dir=folder) as running:
@@ -221,3 +224,11 @@ def test_access_log_skips_the_listed_paths_and_errors_log_their_stack(server: Ru
     log = server.log()
     assert '"GET /version' in log and '"GET /v1/models' not in log and '"GET /load' not in log
     assert "error response:" in log and "Traceback" in log
+
+
+def test_custom_system_fingerprint(server: RunningServer, client: openai.OpenAI) -> None:
+    assert _chat(server).json()["system_fingerprint"] == FINGERPRINT
+    streamed = _chat(server, stream=True).text
+    assert json.loads(streamed.split("data: ", 2)[1])["system_fingerprint"] == FINGERPRINT
+    reply = client.completions.create(model=NAMES[0], prompt="hello", max_tokens=2)
+    assert reply.system_fingerprint == FINGERPRINT

@@ -183,7 +183,12 @@ async def create_chat_completion(
     gen, plan, echo = prepare(state, req, time.monotonic())
     request.state.model_label = gen.label
     choices = [ChatChoice(i, req, plan, state, echo) for i in range(req.n)]
-    envelope = {"id": gen.request_id, "created": gen.created, "model": req.model}
+    envelope = {
+        "id": gen.request_id,
+        "created": gen.created,
+        "model": req.model,
+        "system_fingerprint": state.system_fingerprint,
+    }
     options = req.stream_options
 
     def body() -> dict[str, Any]:

@@ -199,7 +199,13 @@ async def create_completion(state: ServerState, req: CompletionRequest, request:
         for i, p in enumerate(gen.prompts)
         for j in range(req.n)
     ]
-    envelope = {"id": gen.request_id, "object": "text_completion", "created": gen.created, "model": req.model}
+    envelope = {
+        "id": gen.request_id,
+        "object": "text_completion",
+        "created": gen.created,
+        "model": req.model,
+        "system_fingerprint": state.system_fingerprint,
+    }
     options = req.stream_options
 
     def body() -> dict[str, Any]:
