@@ -327,6 +327,11 @@ def exit_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings, model_dir = start_up("serve", argv)
+    if settings.vllm.headless:  # vLLM's `--headless`: this node's engine ranks, no API server
+        from serve.headless import serve_headless
+
+        serve_headless(settings, model_dir, "serve")
+        return
     exit_on_sigterm()
     try:
         # uvloop where installed, as `uvicorn.run` and vLLM's own server do (asyncio.run would not): the

@@ -28,6 +28,7 @@ ENV_PREFIX = "LLMSTACK_"
 
 # Front-end options (vLLM's FrontendArgs and the extras of its serve parser) and where each takes effect.
 HONOURED: dict[str, str] = {
+    "headless": "engine ranks only, no API server (as `python -m serve.headless`)",
     "model_tag": "the positional model, as `vllm serve MODEL` (serve.frontend.resolve)",
     "config": "vLLM's parser reads the YAML file's options",
     "host": "uvicorn's listening address (serve.cli)",
@@ -58,6 +59,9 @@ HONOURED: dict[str, str] = {
     "response_role": "the role of chat answers (chat endpoint)",
     "fingerprint_mode": "system_fingerprint of chat and completion answers (serve.frontend)",
     "fingerprint_value": "system_fingerprint of chat and completion answers (serve.frontend)",
+    "max_log_len": "request logging with vLLM's RequestLogger (serve.openai.request_log)",
+    "enable_log_outputs": "request logging with vLLM's RequestLogger (serve.openai.request_log)",
+    "enable_log_deltas": "request logging with vLLM's RequestLogger (serve.openai.request_log)",
     "middleware": "imported and added to the app as vLLM's server adds it (serve.app)",
     "disable_access_log_for_endpoints": "a filter on uvicorn's access log (serve.cli)",
     "log_error_stack": "error responses are logged with their stack trace (serve.errors)",
@@ -82,25 +86,27 @@ NOT_APPLICABLE: dict[str, str] = {
 }
 
 REFUSED: dict[str, str] = {
-    "headless": "run `python -m serve.headless` for engine ranks without an API server",
-    "api_server_count": "one API process per server here; scale out with data parallelism",
+    "api_server_count": "one API process per server here (1 is accepted); scale out with data parallelism",
     "grpc": "this server speaks HTTP only",
     "grpc_port": "this server speaks HTTP only",
     "tokens_only": "this server has no Tokens In<>Out-only mode",
     "enable_scale_out": "vLLM's scale-out endpoints are not served here",
     "tool_server": "built-in tools (browser, code interpreter, MCP) are not served here",
     "tool_strict_level": "tool-call grammars here follow tool_choice (auto: parsed, required/named: schema)",
-    "chat_template_content_format": "message content is always rendered as a string here",
+    "chat_template_content_format": "message content is always rendered as a string here (`string` accepted)",
     "trust_request_chat_template": "a request's own chat_template is not accepted here",
     "return_tokens_as_token_ids": "logprob tokens are always their text here",
-    "max_log_len": "this server does not log prompts",
     "enable_per_request_metrics": "per-request timings are exported as Prometheus histograms instead",
     "sse_keep_alive_interval": "not implemented yet",
-    "enable_log_outputs": "this server does not log outputs",
-    "enable_log_deltas": "this server does not log outputs",
     "anthropic_disabled_thinking_effort": "/v1/messages has no thinking here yet (no reasoning parser)",
     "enable_ssl_refresh": "TLS files are read once at start",
     "data_parallel_multi_port_external_lb": "one API server fronts every data-parallel rank here",
+}
+
+# Values of a refused option that this server does honour (its own behaviour is what they ask for).
+ACCEPTED_VALUES: dict[str, tuple[Any, ...]] = {
+    "api_server_count": (1,),
+    "chat_template_content_format": ("string",),
 }
 
 # Stack defaults that differ from vLLM's, applied only when the option was not given.
@@ -181,7 +187,9 @@ def resolve(parser: argparse.ArgumentParser, vllm: argparse.Namespace, explicit:
     problems = [
         f"--{dest.replace('_', '-')} is not supported by this server ({why})"
         for dest, why in REFUSED.items()
-        if dest in explicit and getattr(vllm, dest, None) != defaults.get(dest)
+        if dest in explicit
+        and getattr(vllm, dest, None) != defaults.get(dest)
+        and getattr(vllm, dest, None) not in ACCEPTED_VALUES.get(dest, ())
     ]
     keys = list(vllm.api_key or [])
     problems += [

@@ -81,14 +81,20 @@ def run_headless(settings: ServeSettings, model_dir: Path) -> None:
         engines.shutdown(timeout=config.shutdown_timeout)
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings, model_dir = start_up("serve.headless", argv)  # the API node's start-up, dtype included
+def serve_headless(settings: ServeSettings, model_dir: Path, prog: str) -> None:
+    """Run this node's ranks until they exit; a user error exits 2 with one line prefixed by `prog`."""
     exit_on_sigterm()  # as vLLM's own headless mode: SIGTERM ends the ranks through `engines.shutdown`
     try:
         run_headless(settings, model_dir)
     except StackError as err:
-        sys.stderr.write(f"serve.headless: error: {err}\n")
+        sys.stderr.write(f"{prog}: error: {err}\n")
         sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m serve.headless ...`, the same as `serve --headless ...`."""
+    settings, model_dir = start_up("serve.headless", argv)  # the API node's start-up, dtype included
+    serve_headless(settings, model_dir, "serve.headless")
 
 
 if __name__ == "__main__":

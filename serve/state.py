@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.routing import ModelRouter
 from serve import metrics
@@ -17,6 +17,9 @@ from serve.admission import Admission
 from serve.auth import KeyRing
 from serve.engine.protocol import Engine
 from serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from serve.openai.request_log import RequestLog
 
 
 @dataclass
@@ -90,6 +93,13 @@ class ServerState:
         from serve.frontend import system_fingerprint
 
         return system_fingerprint(self.settings.vllm, getattr(self.engine, "vllm_config", None))
+
+    @cached_property
+    def request_log(self) -> RequestLog | None:
+        """vLLM's request logging, when `--enable-log-requests` is on."""
+        from serve.openai.request_log import RequestLog
+
+        return RequestLog.from_args(self.settings.vllm)
 
     @cached_property
     def vocab_size(self) -> int:

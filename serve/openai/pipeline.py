@@ -163,9 +163,19 @@ async def _run_one(
     try:
         with state.router.lease(gen.route):
             engine_start = time.monotonic()
-            async with aclosing(
-                state.engine.generate(request_id, prompt.token_ids, prompt.params, gen.route.lora)
-            ) as outputs:
+            engine_outputs = state.engine.generate(
+                request_id, prompt.token_ids, prompt.params, gen.route.lora
+            )
+            if state.request_log is not None:  # vLLM's --enable-log-requests
+                engine_outputs = state.request_log.logged(
+                    request_id,
+                    (prompt.text, prompt.token_ids),
+                    prompt.params,
+                    gen.route.lora,
+                    engine_outputs,
+                    gen.stream,
+                )
+            async with aclosing(engine_outputs) as outputs:
                 async for out in outputs:
                     now = time.monotonic()
                     new_tokens = 0 if prompt.scoring_only else sum(len(c.token_ids) for c in out.choices)

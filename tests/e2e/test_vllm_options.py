@@ -6,7 +6,8 @@ One server for the module, started with a `vllm serve`-style command line (posit
 `--override-generation-config`, n-gram `--speculative-config`, `--kv-cache-dtype fp8`, `--max-num-seqs 1`,
 `--response-role`, `--enable-force-include-usage`, `--exclude-tools-when-tool-choice-none`,
 `--enable-request-id-headers`, `--enable-server-load-tracking`, `--enable-tokenizer-info-endpoint`,
-`--middleware`, `--disable-access-log-for-endpoints`, `--log-error-stack` and `--fingerprint-mode custom`.
+`--middleware`, `--disable-access-log-for-endpoints`, `--log-error-stack`, `--fingerprint-mode custom` and
+request logging (`--enable-log-requests`, `--enable-log-outputs`, `--max-log-len`).
 The model's own generation_config.json asks for 12 new tokens, so a default of 3 shows that vLLM's
 `--generation-config vllm` ignored it and the override applied.
 """
@@ -80,6 +81,9 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--middleware", "tests.support.middleware.mark_responses",
         "--disable-access-log-for-endpoints", "/v1/models,/load",
         "--log-error-stack",
+        "--enable-log-requests",
+        "--enable-log-outputs",
+        "--max-log-len", "40",
         "--fingerprint-mode", "custom",
         "--fingerprint-value", FINGERPRINT,
     ]  # fmt: skip
@@ -232,3 +236,15 @@ def test_custom_system_fingerprint(server: RunningServer, client: openai.OpenAI)
     assert json.loads(streamed.split("data: ", 2)[1])["system_fingerprint"] == FINGERPRINT
     reply = client.completions.create(model=NAMES[0], prompt="hello", max_tokens=2)
     assert reply.system_fingerprint == FINGERPRINT
+
+
+def test_requests_and_outputs_are_logged_as_vllm_logs_them(server: RunningServer) -> None:
+    reply = _chat(server, max_tokens=4, stream=True)
+    request_id = json.loads(reply.text.split("data: ", 2)[1])["id"]
+    deadline = time.monotonic() + 10
+    while f"Generated response {request_id} (streaming complete)" not in server.log():
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.2)
+    log = server.log()
+    assert f"Received request {request_id}: params: SamplingParams(" in log
+    assert f"Generated response {request_id} (streaming delta)" in log

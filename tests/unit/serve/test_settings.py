@@ -102,6 +102,8 @@ def test_a_refused_option_names_itself_and_why() -> None:
         parse_settings(["--tool-server", "demo", "--api-server-count", "2"])
     message = str(refused.value)
     assert "--tool-server is not supported" in message and "--api-server-count is not supported" in message
+    # values that ask for what this server does anyway are accepted
+    parse_settings(["--api-server-count", "1", "--chat-template-content-format", "string"])
 
 
 def test_every_front_end_option_of_vllm_is_classified() -> None:
@@ -196,3 +198,15 @@ def test_every_refused_option_is_listed_in_the_serving_docs() -> None:
     docs = (REPO / "docs" / "SERVING.md").read_text()
     missing = [d for d in frontend.REFUSED if f"`--{d.replace('_', '-')}`" not in docs]
     assert missing == []
+
+
+def test_headless_flag_runs_the_headless_node(tiny_model_dir: Path) -> None:
+    """`serve --headless` is `python -m serve.headless` (vLLM's `vllm serve --headless`): here it reaches the
+    headless node's own check, which needs a local rank."""
+    result = _serve(
+        str(tiny_model_dir), "--headless", "--data-parallel-size", "2", "--data-parallel-size-local", "0"
+    )
+    assert result.returncode == 2, result.stderr
+    assert _errors(result.stderr) == [
+        "serve: error: a headless node runs at least one rank: set --data-parallel-size-local >= 1"
+    ]
