@@ -11,6 +11,23 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
+# Tool parameter schemas of the tool-calling tests (chat tools and the Messages API's tool use).
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 9},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET", "PST"]}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+
 
 def scrape(base_url: str) -> list[tuple[str, dict[str, str], float]]:
     """Every sample of `/metrics` as (sample name, labels, value)."""

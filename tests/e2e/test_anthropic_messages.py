@@ -21,28 +21,13 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.e2e.serve_helpers import metric, scrape
+from tests.e2e.serve_helpers import TIME, WEATHER, metric, scrape
 from tests.support.lora import build_lora_adapter
 from tests.support.server import RunningServer, start_server
 
 MODEL = "tiny-anthropic"
 ADAPTER = "anthropic-lora"
 KEY = "sk-anthropic-e2e"
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 9},
-    },
-    "required": ["city", "days"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET", "PST"]}},
-    "required": ["zone"],
-    "additionalProperties": False,
-}
 TOOLS: list[Any] = [
     {"name": "get_weather", "description": "Weather forecast", "input_schema": WEATHER},
     {"name": "get_time", "input_schema": TIME},

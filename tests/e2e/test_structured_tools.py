@@ -20,24 +20,10 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.e2e.serve_helpers import TIME, WEATHER
 from tests.support.server import RunningServer, start_server
 
 MODEL = "tiny-tools"
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 9},
-    },
-    "required": ["city", "days"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET", "PST"]}},
-    "required": ["zone"],
-    "additionalProperties": False,
-}
 TOOLS: list[Any] = [
     {
         "type": "function",
