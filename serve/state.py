@@ -102,6 +102,11 @@ class ServerState:
         return RequestLog.from_args(self.settings.vllm)
 
     @cached_property
+    def sse_keep_alive_interval(self) -> float:
+        """`--sse-keep-alive-interval` seconds (0: off): chat/completion streams send a comment when idle."""
+        return float(getattr(self.settings.vllm, "sse_keep_alive_interval", 0) or 0)
+
+    @cached_property
     def vocab_size(self) -> int:
         """Token ids a request may name are in [0, vocab_size) (the tokenizer's, added tokens included)."""
         return len(self.engine.tokenizer)

@@ -17,6 +17,7 @@ OpenAI error frame and `[DONE]`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -340,6 +341,38 @@ async def start_stream(gen: Generation) -> PrimedOutputs:
     return PrimedOutputs(outputs, first)
 
 
+KEEP_ALIVE_FRAME = b": keep-alive\n\n"
+
+
+async def with_keep_alive(frames: AsyncIterator[bytes], interval: float) -> AsyncGenerator[bytes, None]:
+    """`frames`, with an SSE comment line sent whenever none came for `interval` seconds (vLLM's
+    `--sse-keep-alive-interval`: keeps proxies with read timeouts from closing a queued or slow stream).
+    Closing this closes `frames` (and so aborts its engine requests)."""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(frames.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield KEEP_ALIVE_FRAME
+                continue
+            try:
+                frame = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield frame
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        close = getattr(frames, "aclose", None)
+        if close is not None:
+            await close()
+
+
 def streaming_response(body: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -401,17 +434,17 @@ async def respond(
         except BaseException:
             slot.release()
             raise
-        return streaming_response(
-            openai_sse(
-                gen,
-                choices,
-                slot,
-                envelope,
-                include_usage=include_usage or gen.state.force_include_usage,
-                continuous_usage=continuous_usage,
-                outputs=outputs,
-            )
+        frames = openai_sse(
+            gen,
+            choices,
+            slot,
+            envelope,
+            include_usage=include_usage or gen.state.force_include_usage,
+            continuous_usage=continuous_usage,
+            outputs=outputs,
         )
+        interval = gen.state.sse_keep_alive_interval
+        return streaming_response(with_keep_alive(frames, interval) if interval > 0 else frames)
 
     async def answer() -> Response:
         await collect(gen, choices, slot)

@@ -81,6 +81,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--middleware", "tests.support.middleware.mark_responses",
         "--disable-access-log-for-endpoints", "/v1/models,/load",
         "--log-error-stack",
+        "--sse-keep-alive-interval", "1",  # the streamed checks here run through the keep-alive wrapper
         "--enable-log-requests",
         "--enable-log-outputs",
         "--max-log-len", "40",
