@@ -236,8 +236,11 @@ def test_streamed_calls_accumulate_to_the_non_streamed_ones(
     with client.chat.completions.stream(**kwargs) as stream:
         fragments = sum(1 for event in stream if event.type == "tool_calls.function.arguments.delta")
         streamed = stream.get_final_completion()
-    assert fragments >= 2, "arguments arrive in fragments"
     want = [(c.function.name, c.function.arguments) for c in plain.choices[0].message.tool_calls]
+    if tool_choice == "required":
+        assert fragments == len(want), "a required call goes out whole, once complete"
+    else:
+        assert fragments >= 2, "arguments arrive in fragments"
     got = [(c.function.name, c.function.arguments) for c in streamed.choices[0].message.tool_calls]
     if tool_choice == "auto":  # vLLM's hermes parser re-serialises the non-streamed arguments
         assert [(n, json.loads(a)) for n, a in got] == [(n, json.loads(a)) for n, a in want]
@@ -297,3 +300,169 @@ def test_pydantic_ai_agent_with_structured_output(server: RunningServer) -> None
     agent = Agent(model, output_type=Weather, model_settings=settings)
     result = agent.run_sync("What is the weather in Paris for 3 days?")
     assert isinstance(result.output, Weather)
+
+
+# --- forced calls on the default model (issue 30, item 6) ---------------------------------------------
+# A real small model under `tool_choice: required` writes the same complete call again and again: the
+# grammar bounds the array, the server drops repeats, and a cut answer still carries its complete calls.
+
+DEFAULT = "SmolLM2-135M-Instruct"
+
+
+class Forecast(BaseModel):
+    """A weather forecast."""
+
+    city: str = Field(max_length=20)
+    days: int = Field(ge=1, le=9)
+
+
+def get_forecast(city: str) -> str:
+    """The weather forecast of a city."""
+    return f"Sunny in {city}."
+
+
+def _agent_tools() -> list[Any]:
+    """What pydantic-ai's default agent sends: a function tool and its output tool."""
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    model = TestModel()
+    Agent(model, output_type=Forecast, tools=[get_forecast]).run_sync("x")
+    params = model.last_model_request_parameters
+    assert params is not None
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description or "",
+                "parameters": t.parameters_json_schema,
+            },
+        }
+        for t in [*params.function_tools, *params.output_tools]
+    ]
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    from core.default_model import ensure_default_model
+
+    # the default model's own settings (serve without --model: float32 on CPU, see serve/cli.py)
+    with start_server(
+        ensure_default_model(), "--dtype", "float32", log_dir=tmp_path_factory.mktemp("serve-default")
+    ) as running:
+        yield running
+
+
+def _distinct(calls: list[tuple[str, str]]) -> bool:
+    keys = [(name, json.dumps(json.loads(arguments), sort_keys=True)) for name, arguments in calls]
+    return len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize(
+    ("seed", "parallel"),
+    [
+        (0, None),  # before the fix: 4 complete calls then cut: no tool_calls, the cut array as content
+        (2, None),  # before the fix: the same call twice
+        (0, False),
+    ],
+)
+def test_forced_calls_end_on_chat_completions(
+    default_server: RunningServer, seed: int, parallel: bool | None
+) -> None:
+    """The issue's request (pydantic-ai's tools, `required`, 128 tokens): distinct, complete calls come back,
+    streamed or not, the same; one call without parallel calls."""
+    client = openai.OpenAI(base_url=default_server.openai_url, api_key="unused", max_retries=0, timeout=300)
+    tools = _agent_tools()
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    kwargs: dict[str, Any] = {
+        "model": DEFAULT,
+        "messages": [{"role": "user", "content": "What is the weather in Paris for 3 days?"}],
+        "tools": tools,
+        "tool_choice": "required",
+        "max_tokens": 128,
+        "seed": seed,
+    }
+    if parallel is not None:
+        kwargs["parallel_tool_calls"] = parallel
+    plain = client.chat.completions.create(**kwargs)
+    choice = plain.choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+    assert calls, choice
+    assert choice.message.content is None
+    assert choice.finish_reason == ("length" if plain.usage.completion_tokens == 128 else "tool_calls")
+    assert _distinct(calls)
+    for name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), schemas[name])
+    if parallel is False:
+        assert len(calls) == 1
+    # accumulated by hand: the client's stream helper refuses a "length" answer (LengthFinishReasonError)
+    heads: dict[int, list[str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            head = heads.setdefault(delta.index, ["", ""])
+            assert delta.function is not None
+            head[0] += delta.function.name or ""
+            head[1] += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    got = [(name, arguments) for _, (name, arguments) in sorted(heads.items())]
+    assert got == calls, "the stream ends with the non-streamed answer's calls"
+    assert finish == choice.finish_reason
+
+
+def test_forced_calls_end_on_anthropic_messages(default_server: RunningServer) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=default_server.url, api_key="unused", max_retries=0, timeout=300)
+    tools: list[Any] = [
+        {
+            "name": t["function"]["name"],
+            "description": t["function"]["description"],
+            "input_schema": t["function"]["parameters"],
+        }
+        for t in _agent_tools()
+    ]
+    ask: list[Any] = [{"role": "user", "content": "What is the weather in Paris for 3 days?"}]
+    for choice in ({"type": "any"}, {"type": "any", "disable_parallel_tool_use": True}):
+        # greedy, so that the streamed answer is the same answer (the Messages API has no seed)
+        kwargs: dict[str, Any] = {
+            "model": DEFAULT,
+            "max_tokens": 128,
+            "messages": ask,
+            "tools": tools,
+            "extra_body": {"temperature": 0.0},  # this anthropic SDK version has no `temperature` argument
+        }
+        message = client.messages.create(tool_choice=choice, **kwargs)  # type: ignore[arg-type]
+        uses = [(b.name, json.dumps(b.input)) for b in message.content if b.type == "tool_use"]
+        assert uses and len(uses) == len(message.content), message
+        assert message.stop_reason in ("tool_use", "max_tokens") and _distinct(uses)
+        if choice.get("disable_parallel_tool_use"):
+            assert len(uses) == 1
+        with client.messages.stream(tool_choice=choice, **kwargs) as stream:  # type: ignore[arg-type]
+            streamed = stream.get_final_message()
+        assert [(b.name, b.input) for b in streamed.content] == [(n, json.loads(i)) for n, i in uses]
+        assert streamed.stop_reason == message.stop_reason
+
+
+def test_pydantic_ai_default_agent_on_the_default_model(default_server: RunningServer) -> None:
+    """pydantic-ai's default agent (an output type and a function tool, default settings) gets its output,
+    with no retry. (With `max_tokens=128` this model keeps calling `get_forecast` turn after turn: the
+    model's choice, not the server's; the 128-token request itself is the chat test above.)"""
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelRequest, RetryPromptPart
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    provider = OpenAIProvider(base_url=default_server.openai_url, api_key="unused")
+    agent = Agent(OpenAIChatModel(DEFAULT, provider=provider), output_type=Forecast, tools=[get_forecast])
+    result = agent.run_sync("What is the weather in Paris for 3 days?")
+    assert isinstance(result.output, Forecast)
+    retries = [
+        part
+        for message in result.all_messages()
+        if isinstance(message, ModelRequest)
+        for part in message.parts
+        if isinstance(part, RetryPromptPart)
+    ]
+    assert not retries, retries

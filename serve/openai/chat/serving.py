@@ -95,7 +95,8 @@ class ChatChoice:
         message: dict[str, Any] = {"role": self._role, "content": _with_echo(self._echo, parsed)}
         if parsed.tool_calls:
             message["tool_calls"] = parsed.tool_calls
-            finish = "tool_calls"
+            if finish != "length":  # a cut answer says so, with the calls that completed (as streamed)
+                finish = "tool_calls"
         return {
             "index": self.index,
             "message": message,

@@ -5,14 +5,20 @@ the generated text becomes OpenAI tool calls (whole, or streamed as argument fra
   the format of the fallback tool prompt in core/chat.py) finds the calls in its text.
 - `required`: generation is constrained (vLLM structured outputs) to a JSON array of
   `{"name": <one of the functions>, "arguments": <that function's parameters schema>}`, at least one item
-  (exactly one when `parallel_tool_calls` is false), so every call's arguments validate against the schema.
+  and at most `MAX_PARALLEL_CALLS` (exactly one when `parallel_tool_calls` is false), so every call's
+  arguments validate against the schema. The answer is its *complete, distinct* calls: a call identical
+  (same name, same arguments as JSON) to an earlier one is dropped, and when `max_tokens` cuts the array the
+  calls completed before the cut are still returned (finish_reason stays "length"). A grammar cannot forbid
+  repeats (xgrammar ignores `uniqueItems`), so the bound ends a repeating model and the server de-duplicates.
+  Streamed, each such call goes out whole once it is complete and new, so the stream ends with exactly the
+  non-streamed answer's calls.
 - a named function: generation is constrained to that function's parameters schema; the text *is* the
   arguments.
 - `none`: tools are shown to the model, but no call is parsed.
 
 Invariant: with `required` or a named function, every returned call's `arguments` is the exact JSON text the
 model generated under the schema constraint, and the streamed fragments of a call concatenate to the same
-text as the non-streamed answer's.
+text as the non-streamed answer's (same calls, same order).
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ if TYPE_CHECKING:
     from serve.openai.chat.protocol import ChatCompletionRequest
 
 Mode = Literal["none", "auto", "required", "named"]
+
+MAX_PARALLEL_CALLS = 8
+"""The most calls one `required` answer may hold when parallel calls are allowed: a bound on a model that
+repeats its call (small models do, until max_tokens) without ruling out several calls of one function."""
 
 
 def tool_call_id() -> str:
@@ -99,10 +109,8 @@ def required_schema(tools: tuple[dict[str, Any], ...], parallel: bool) -> dict[s
         }
         for t in tools
     ]
-    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-    if not parallel:
-        schema["maxItems"] = 1
-    return schema
+    most = MAX_PARALLEL_CALLS if parallel else 1
+    return {"type": "array", "minItems": 1, "maxItems": most, "items": {"anyOf": calls}}
 
 
 def plan_tools(
@@ -156,9 +164,10 @@ class ParsedMessage:
 def parse_final(
     plan: ToolPlan, text: str, tokenizer: PreTrainedTokenizerBase, truncated: bool
 ) -> ParsedMessage:
-    """The non-streamed message for `text`. A truncated constrained answer (finish_reason "length") is
-    returned as text: its JSON is incomplete, so it is no valid call."""
-    if not plan.parses_calls or (truncated and plan.mode in ("required", "named")):
+    """The non-streamed message for `text`. A truncated named call (finish_reason "length") is returned as
+    text: its JSON is incomplete, so it is no valid call. A `required` answer is its complete, distinct calls
+    (cut or not; none when the cut came before the first call ended), never text."""
+    if not plan.parses_calls or (truncated and plan.mode == "named"):
         return ParsedMessage(text)
     if plan.mode == "named":
         assert plan.named is not None
@@ -173,16 +182,37 @@ def parse_final(
 
 
 def split_required(text: str) -> list[tuple[str, str]]:
-    """(name, exact arguments text) of each call of a complete `required` answer."""
+    """(name, exact arguments text) of each complete, distinct call of a `required` answer, in order: a
+    call cut by the end of `text` is left out, and so is a repeat of an earlier call."""
     scanner = RequiredCallScanner()
     scanner.feed(text)
-    return [(call.name, call.arguments) for call in scanner.calls]
+    seen = DistinctCalls()
+    return [(call.name, call.arguments) for call in scanner.calls if call.complete and seen.is_new(call)]
 
 
 @dataclass
 class _Call:
     name: str = ""
     arguments: str = ""
+    complete: bool = False  # its object has closed
+
+
+class DistinctCalls:
+    """Which complete calls are new: identical means same name and same arguments as JSON values (so key
+    order and spacing do not matter)."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+
+    def is_new(self, call: _Call) -> bool:
+        try:
+            key = json.dumps(json.loads(call.arguments), sort_keys=True)
+        except json.JSONDecodeError:  # not reachable under the grammar; compare the text then
+            key = call.arguments
+        if (call.name, key) in self._seen:
+            return False
+        self._seen.add((call.name, key))
+        return True
 
 
 class RequiredCallScanner:
@@ -234,6 +264,8 @@ class RequiredCallScanner:
                     self.calls.append(_Call())
                 self._value_of = None
             elif char in "}]":
+                if char == "}" and self._depth == 2 and self.calls:
+                    self.calls[-1].complete = True
                 self._depth -= 1
             elif char == ":":
                 self._value_of = self._last_key
@@ -278,7 +310,9 @@ class RequiredCallScanner:
 
 class ToolStream:
     """Streams one choice's tool calls as OpenAI deltas (`tool_calls[i]` with id, type and name first, then
-    `function.arguments` fragments); plain text as `content`."""
+    `function.arguments` fragments); plain text as `content`. A `required` call goes out whole (head and
+    all its arguments in one delta) once it is complete and new: only then is it known to be part of the
+    answer (see the module docstring)."""
 
     def __init__(self, plan: ToolPlan, tokenizer: PreTrainedTokenizerBase) -> None:
         self._plan = plan
@@ -286,6 +320,8 @@ class ToolStream:
         self._text = ""
         self._token_ids: list[int] = []
         self._scanner = RequiredCallScanner() if plan.mode == "required" else None
+        self._distinct = DistinctCalls()
+        self._settled = 0  # scanner calls already judged (sent or dropped as repeats)
         self._parser = plan.parser(tokenizer) if plan.mode == "auto" else None
         self.called = False
 
@@ -302,16 +338,16 @@ class ToolStream:
             self.called = True
             return None, deltas
         if self._scanner is not None:
+            self._scanner.feed(text)
             deltas = []
-            for index, fragment in self._scanner.feed(text).items():
-                call = self._scanner.calls[index]
-                if index not in self._ids:
-                    if not call.name:
-                        continue  # its arguments so far go out with its head, once the name is known
+            calls = self._scanner.calls
+            while self._settled < len(calls) and calls[self._settled].complete:
+                call = calls[self._settled]
+                self._settled += 1
+                if self._distinct.is_new(call):
+                    index = len(self._ids)
                     self._ids[index] = tool_call_id()
                     deltas.append(self._head(index, call.name, call.arguments))
-                elif fragment:
-                    deltas.append(self._arguments(index, fragment))
             self.called = self.called or bool(self._ids)
             return None, deltas
         previous_text, previous_ids = self._text, list(self._token_ids)

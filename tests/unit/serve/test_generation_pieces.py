@@ -11,7 +11,14 @@ import pytest
 from xgrammar import Grammar
 from xgrammar.testing import _is_grammar_accept_string as accepts
 
-from serve.openai.chat.tools import RequiredCallScanner, ToolPlan, split_required
+from serve.openai.chat.tools import (
+    MAX_PARALLEL_CALLS,
+    RequiredCallScanner,
+    ToolPlan,
+    ToolStream,
+    parse_final,
+    split_required,
+)
 from serve.openai.fields import upstream_fields
 from serve.openai.protocol import compact_json
 
@@ -70,6 +77,52 @@ def test_named_and_required_plans_constrain_to_the_schemas() -> None:
     call = '{"name":"get_weather","arguments":{"city":"A","days":1}}'
     two = f"[{call},{call}]"
     assert not accepts(grammar, two), "parallel_tool_calls false: exactly one"
+    parallel = ToolPlan("required", tools, parallel=True).constraint()
+    assert parallel is not None
+    grammar = Grammar.from_ebnf(parallel.grammar or "")
+    assert accepts(grammar, two), "parallel calls are allowed"
+    assert accepts(grammar, "[" + ",".join([call] * MAX_PARALLEL_CALLS) + "]")
+    assert not accepts(grammar, "[" + ",".join([call] * (MAX_PARALLEL_CALLS + 1)) + "]"), "bounded"
+
+
+CALL_A = '{"name":"get_weather","arguments":{"city":"Rome","days":2}}'
+CALL_A_REORDERED = '{"name":"get_weather","arguments":{"days":2,"city":"Rome"}}'
+CALL_B = '{"name":"get_weather","arguments":{"city":"Oslo","days":1}}'
+CALL_T = '{"name":"final_result","arguments":{"city":"Rome","days":2}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"[{CALL_A},{CALL_A},{CALL_A}]", [CALL_A]),
+        (f"[{CALL_A},{CALL_B},{CALL_A_REORDERED},{CALL_T}]", [CALL_A, CALL_B, CALL_T]),
+        (f"[{CALL_A},{CALL_A},{CALL_B[:30]}", [CALL_A]),  # cut inside a new call
+        (f"[{CALL_A},{CALL_B},{CALL_A[:-1]}", [CALL_A, CALL_B]),  # cut just before a call closes
+        (f"[{CALL_A[:-3]}", []),  # cut before the first call ends
+        ("[", []),
+    ],
+)
+def test_required_answers_are_their_complete_distinct_calls(text: str, expected: list[str]) -> None:
+    want = [(json.loads(c)["name"], c[c.index('"arguments":') + 12 : -1]) for c in expected]
+    assert split_required(text) == want
+    plan = ToolPlan("required", ({"type": "function", "function": {"name": "get_weather"}},))
+    final = parse_final(plan, text, None, truncated=not text.endswith("]"))  # type: ignore[arg-type]
+    assert final.content is None, "a required answer is never text, cut or not"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in final.tool_calls] == want
+    # streamed in any split, the calls that go out are the same, whole, in the same order
+    rng = random.Random(len(text))
+    for _ in range(20):
+        stream = ToolStream(plan, None)  # type: ignore[arg-type]
+        cuts = sorted(rng.sample(range(1, len(text)), min(5, len(text) - 1)))
+        deltas = []
+        for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
+            content, calls = stream.feed(text[a:b], ())
+            assert content is None
+            deltas.extend(calls)
+        assert [d["index"] for d in deltas] == list(range(len(want)))
+        assert [(d["function"]["name"], d["function"]["arguments"]) for d in deltas] == want
+        assert all(d["id"].startswith("call_") and d["type"] == "function" for d in deltas)
+        assert stream.called == bool(want)
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
