@@ -93,7 +93,7 @@ REFUSED: dict[str, str] = {
     "enable_tokenizer_info_endpoint": "no /tokenizer_info endpoint here",
     "enable_log_outputs": "this server does not log outputs",
     "enable_log_deltas": "this server does not log outputs",
-    "anthropic_disabled_thinking_effort": "/v1/messages has no thinking here yet (no reasoning parser)",
+    "anthropic_disabled_thinking_effort": "/v1/messages passes no thinking effort to chat templates here",
     "log_error_stack": "not implemented yet",
     "fingerprint_mode": "system_fingerprint is not sent here",
     "fingerprint_value": "system_fingerprint is not sent here",
