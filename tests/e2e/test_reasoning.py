@@ -19,7 +19,7 @@ from tests.support.reasoner import reasoner
 from tests.support.server import RunningServer, start_server
 
 ADAPTER = "reasoner"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 WHOLE: dict[str, str] = {}  # the non-streamed chat answer, which the other forms must repeat
 
 
@@ -92,7 +92,7 @@ def test_messages_thinking_block_then_text(server: RunningServer) -> None:
 
 def test_structured_output_is_parsed_from_the_answer_after_the_reasoning(client: openai.OpenAI) -> None:
     cities = ["Paris", "Berlin", "Rome"]
-    schema = {"type": "object", "properties": {"city": {"enum": cities}}, "required": ["city"]}
+    schema: Any = {"type": "object", "properties": {"city": {"enum": cities}}, "required": ["city"]}
     reply = client.chat.completions.create(
         model=ADAPTER,
         messages=QUESTION,
