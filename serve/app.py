@@ -28,6 +28,7 @@ from serve.errors import (
 )
 from serve.middleware import APIMiddleware
 from serve.openai.adapters.router import router as adapters_router
+from serve.openai.chat.reasoning import check_parser_fits, check_reasoning_parser
 from serve.openai.chat.router import router as chat_router
 from serve.openai.chat.tools import check_tool_parser
 from serve.openai.completions.router import router as completions_router
@@ -70,6 +71,8 @@ def add_user_middleware(app: FastAPI, paths: list[str]) -> None:
 def build_app(settings: ServeSettings, engine: Engine, router: ModelRouter | None = None) -> FastAPI:
     """The API on `engine`; `router` defaults to the base model alone."""
     check_tool_parser(settings.tool_call_parser, settings.vllm.tool_parser_plugin)
+    check_reasoning_parser(settings.vllm.reasoning_parser, settings.vllm.reasoning_parser_plugin)
+    check_parser_fits(settings.vllm.reasoning_parser, engine.tokenizer)
     router = router or default_router(settings, Path(settings.model or "model"))
     state = ServerState.create(settings, engine, router)
     args = settings.vllm

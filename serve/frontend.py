@@ -98,7 +98,7 @@ REFUSED: dict[str, str] = {
     "trust_request_chat_template": "a request's own chat_template is not accepted here",
     "return_tokens_as_token_ids": "logprob tokens are always their text here",
     "enable_per_request_metrics": "per-request timings are exported as Prometheus histograms instead",
-    "anthropic_disabled_thinking_effort": "/v1/messages has no thinking here yet (no reasoning parser)",
+    "anthropic_disabled_thinking_effort": "/v1/messages passes no thinking effort to chat templates here",
     "enable_ssl_refresh": "TLS files are read once at start",
     "data_parallel_multi_port_external_lb": "one API server fronts every data-parallel rank here",
 }

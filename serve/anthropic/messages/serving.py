@@ -9,7 +9,11 @@ shared pipeline (admission, metrics, abort on disconnect); only the answer's sha
   `parallel_tool_calls: false`; `none` shows the tools but parses no call.
 - A final assistant message is a prefill: the answer continues it (and does not repeat it).
 - `thinking` blocks passed back are not shown to the model again; `thinking: {"type": "enabled"}` (or
-  `adaptive`) is a 400 while this server runs no reasoning parser.
+  `adaptive`) is a 400 while this server runs no reasoning parser. With `--reasoning-parser` the model's
+  reasoning is split off the answer (tool calls are read from the answer only) and returned as a
+  `thinking` block before the answer's blocks when thinking is enabled or adaptive (empty with
+  `display: "omitted"`, left out when thinking is off); `budget_tokens` is vLLM's `thinking_token_budget`:
+  the engine ends the reasoning (forces `</think>`) once it has used that many tokens.
 
 Invariants: `usage.input_tokens + usage.cache_read_input_tokens` is the prompt's token count and
 `usage.output_tokens` the tokens the engine generated (the numbers the token metrics count); a stream is
@@ -42,15 +46,17 @@ from serve.anthropic.messages.protocol import (
     Message,
     MessagesRequest,
     TextBlock,
+    ThinkingEnabled,
     ToolResultBlock,
     ToolUseBlock,
 )
 from serve.engine.protocol import ChoiceDelta, EngineOutput
 from serve.errors import OpenAIError
 from serve.openai.chat.protocol import ChatCompletionRequest
-from serve.openai.chat.serving import chat_tool_plan, render_prompt
+from serve.openai.chat.reasoning import ReasoningSplit
+from serve.openai.chat.serving import chat_tool_plan, reasoning_split, render_prompt, split_reasoning
 from serve.openai.chat.serving import prepare as prepare_chat
-from serve.openai.chat.tools import ToolPlan, ToolStream, parse_final
+from serve.openai.chat.tools import ParsedMessage, ToolPlan, ToolStream, parse_final
 from serve.openai.fields import check_extra_fields
 from serve.openai.pipeline import (
     JSON,
@@ -179,8 +185,9 @@ def to_chat_request(req: MessagesRequest | CountTokensRequest) -> ChatCompletion
         raise OpenAIError(400, describe_problems(err.errors(), limit=5), param="messages") from None
 
 
-def check_thinking(req: MessagesRequest) -> None:
-    if req.thinking is not None and req.thinking.type != "disabled":
+def check_thinking(req: MessagesRequest, reasoning_parser: str) -> None:
+    """400 for thinking on a server that cannot split reasoning off the answer."""
+    if req.thinking is not None and req.thinking.type != "disabled" and not reasoning_parser:
         raise OpenAIError(
             400,
             f"thinking type {req.thinking.type!r}: this server runs no reasoning parser, so it cannot return "
@@ -217,9 +224,19 @@ class MessageAnswer:
     """The one output sequence of a Messages request, as content blocks (a `serve.openai.pipeline.Choice`):
     `update` gives the stream's block events, `final` the whole message's content and stop reason."""
 
-    def __init__(self, plan: ToolPlan, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self,
+        plan: ToolPlan,
+        tokenizer: PreTrainedTokenizerBase,
+        reasoning: ReasoningSplit | None = None,
+        thinking: str | None = None,
+    ) -> None:
+        """`reasoning`: the server's reasoning split (None: no parser); `thinking`: None (no thinking
+        blocks), "summarized" (the reasoning as it is) or "omitted" (thinking blocks with empty text)."""
         self._plan = plan
         self._tokenizer = tokenizer
+        self._reasoning = reasoning
+        self._thinking = thinking
         self._text: list[str] = []
         self._finish: str | None = None
         self._stop: str | int | None = None
@@ -242,11 +259,15 @@ class MessageAnswer:
         events: list[dict[str, Any]] = []
         if delta.text or delta.token_ids:
             content: str | None = delta.text
+            if self._reasoning is not None:
+                thought, content = self._reasoning.feed(delta.text, delta.token_ids)
+                if thought and self._thinking is not None:
+                    self._thinking_delta(thought if self._thinking == "summarized" else "", events)
             calls: list[dict[str, Any]] = []
-            if self._plan.parses_calls:
+            if self._plan.parses_calls and content:
                 if self._tools is None:
                     self._tools = ToolStream(self._plan, self._tokenizer)
-                content, calls = self._tools.feed(delta.text, delta.token_ids)
+                content, calls = self._tools.feed(content, delta.token_ids)
             if content:
                 self._text_delta(content, events)
             for call in calls:
@@ -266,6 +287,14 @@ class MessageAnswer:
         if self._open is not None:
             events.append({"type": "content_block_stop", "index": self._open})
             self._open = None
+
+    def _thinking_delta(self, thought: str, events: list[dict[str, Any]]) -> None:
+        """Reasoning text: the thinking block is the first block, opened on the first reasoning delta."""
+        if self._blocks == 0:
+            self._start_block({"type": "thinking", "thinking": "", "signature": ""}, False, events)
+        if thought and self._open == 0:
+            delta = {"type": "thinking_delta", "thinking": thought}
+            events.append({"type": "content_block_delta", "index": 0, "delta": delta})
 
     def _text_delta(self, text: str, events: list[dict[str, Any]]) -> None:
         if self._open is None or not self._open_is_text:
@@ -298,8 +327,16 @@ class MessageAnswer:
         return "end_turn", None
 
     def final(self) -> dict[str, Any]:
-        parsed = parse_final(self._plan, "".join(self._text), self._tokenizer, self._finish == "length")
+        reasoning, text = split_reasoning(self._reasoning, "".join(self._text))
+        parsed = (
+            parse_final(self._plan, text, self._tokenizer, self._finish == "length")
+            if text is not None
+            else ParsedMessage(None)
+        )
         content: list[dict[str, Any]] = []
+        if reasoning is not None and self._thinking is not None:
+            shown = reasoning if self._thinking == "summarized" else ""
+            content.append({"type": "thinking", "thinking": shown, "signature": ""})
         if parsed.content:
             content.append({"type": "text", "text": parsed.content})
         for call in parsed.tool_calls:
@@ -322,9 +359,18 @@ class MessageAnswer:
 def prepare(state: ServerState, req: MessagesRequest, arrival: float) -> tuple[Generation, MessageAnswer]:
     """The request as a `Generation` (nothing started) and the answer that will shape its output."""
     check_extra_fields(req, "messages")
-    check_thinking(req)
-    gen, plan, _ = prepare_chat(state, to_chat_request(req), arrival, request_id=message_id())
-    return gen, MessageAnswer(plan, state.engine.tokenizer)
+    parser = state.settings.vllm.reasoning_parser
+    check_thinking(req, parser)
+    chat = to_chat_request(req)
+    gen, plan, _ = prepare_chat(state, chat, arrival, request_id=message_id())
+    thinking = req.thinking
+    shown = None
+    if thinking is not None and thinking.type != "disabled":
+        shown = thinking.display or "summarized"
+        if isinstance(thinking, ThinkingEnabled):
+            for prompt in gen.prompts:
+                prompt.params.thinking_token_budget = thinking.budget_tokens
+    return gen, MessageAnswer(plan, state.engine.tokenizer, reasoning_split(state, chat), shown)
 
 
 def _envelope(gen: Generation, model: str) -> dict[str, Any]:

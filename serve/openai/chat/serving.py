@@ -19,6 +19,7 @@ from core.errors import DataError
 from serve.engine.protocol import ChoiceDelta, EngineOutput, TokenLogprob
 from serve.errors import OpenAIError
 from serve.openai.chat.protocol import ChatCompletionRequest
+from serve.openai.chat.reasoning import ReasoningSplit
 from serve.openai.chat.tools import ParsedMessage, ToolPlan, ToolStream, parse_final, plan_tools
 from serve.openai.fields import check_extra_fields
 from serve.openai.pipeline import EnginePrompt, Generation, check_context, new_id, respond
@@ -53,6 +54,7 @@ class ChatChoice:
         self._logprobs: list[TokenLogprob] = []
         self._finish: str | None = None
         self._tools: ToolStream | None = None
+        self._reasoning = reasoning_split(state, req)
 
     def start(self) -> list[dict[str, Any]]:
         delta: dict[str, Any] = {"role": self._role, "content": self._echo}
@@ -69,13 +71,18 @@ class ChatChoice:
         if delta.text or delta.token_ids:
             lp = chat_logprobs(delta.logprobs) if self._req.logprobs and delta.logprobs is not None else None
             content: str | None = delta.text
+            thought = ""
+            if self._reasoning is not None:
+                thought, content = self._reasoning.feed(delta.text, delta.token_ids)
             tool_deltas: list[dict[str, Any]] = []
-            if self._plan.parses_calls:
+            if self._plan.parses_calls and content:
                 if self._tools is None:
                     self._tools = ToolStream(self._plan, self._tokenizer)
-                content, tool_deltas = self._tools.feed(delta.text, delta.token_ids)
-            if content or tool_deltas or lp is not None:
+                content, tool_deltas = self._tools.feed(content, delta.token_ids)
+            if thought or content or tool_deltas or lp is not None:
                 body: dict[str, Any] = {}
+                if thought:
+                    body["reasoning_content"] = thought
                 if content:
                     body["content"] = content
                 if tool_deltas:
@@ -89,10 +96,16 @@ class ChatChoice:
         return frames
 
     def final(self) -> dict[str, Any]:
-        text = "".join(self._text)
         finish = self._finish
-        parsed = parse_final(self._plan, text, self._tokenizer, truncated=finish == "length")
+        reasoning, text = split_reasoning(self._reasoning, "".join(self._text))
+        parsed = (
+            parse_final(self._plan, text, self._tokenizer, truncated=finish == "length")
+            if text is not None
+            else ParsedMessage(None)
+        )
         message: dict[str, Any] = {"role": self._role, "content": _with_echo(self._echo, parsed)}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
         if parsed.tool_calls:
             message["tool_calls"] = parsed.tool_calls
             if finish != "length":  # a cut answer says so, with the calls that completed (as streamed)
@@ -103,6 +116,20 @@ class ChatChoice:
             "logprobs": chat_logprobs(self._logprobs) if self._req.logprobs else None,
             "finish_reason": finish,
         }
+
+
+def reasoning_split(state: ServerState, req: ChatCompletionRequest) -> ReasoningSplit | None:
+    """The splitter of one output sequence under the server's `--reasoning-parser` (None without one)."""
+    name = state.settings.vllm.reasoning_parser
+    if not name:
+        return None
+    kwargs = {**state.chat_template_kwargs, **(req.chat_template_kwargs or {})}
+    return ReasoningSplit(name, state.engine.tokenizer, kwargs)
+
+
+def split_reasoning(split: ReasoningSplit | None, text: str) -> tuple[str | None, str | None]:
+    """(reasoning, answer) of a finished output: all of it is the answer without a parser."""
+    return (None, text) if split is None else split.split(text)
 
 
 def _with_echo(echo: str, parsed: ParsedMessage) -> str | None:

@@ -180,11 +180,12 @@ def test_field_policy_refuses_anthropic_fields_it_does_not_implement() -> None:
 
 
 def test_thinking_needs_a_reasoning_parser() -> None:
-    check_thinking(_request(thinking={"type": "disabled"}))
+    check_thinking(_request(thinking={"type": "disabled"}), "")
     for thinking in ({"type": "enabled", "budget_tokens": 1024}, {"type": "adaptive"}):
         with pytest.raises(OpenAIError, match="reasoning parser") as info:
-            check_thinking(_request(max_tokens=2048, thinking=thinking))
+            check_thinking(_request(max_tokens=2048, thinking=thinking), "")
         assert info.value.param == "thinking"
+        check_thinking(_request(max_tokens=2048, thinking=thinking), "deepseek_r1")
 
 
 # ---- answer shaping
